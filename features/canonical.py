@@ -1,0 +1,178 @@
+"""Turn a raw frame from any reader into the canonical interactions frame, or say which row is bad.
+
+Kept apart from the file readers so that every source (Parquet, text, MPD JSON) is held to exactly
+the same rules: string ids that are neither missing nor blank, a finite non-negative float weight,
+an optional integer ordering key, and one row per (user, track).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+from tracktower.features.errors import DataError
+
+__all__ = ["ColumnMap", "canonical_interactions", "check_ids", "dedupe_interactions"]
+
+_EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
+
+
+class ColumnMap(BaseModel):
+    """Names of the source columns, for files whose header differs from the canonical one.
+
+    ``weight=None`` picks ``weight``, else ``plays``, else weighs every row 1. ``timestamp=None``
+    picks ``timestamp``, else ``position`` (an ordering key such as a playlist index), else none.
+    An explicitly named column must exist.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user: str = Field("user_id", min_length=1)
+    track: str = Field("track_id", min_length=1)
+    weight: str | None = Field(None, min_length=1)
+    timestamp: str | None = Field(None, min_length=1)
+
+
+def canonical_interactions(
+    raw: pd.DataFrame, path: Path, cols: ColumnMap, *, row_base: int
+) -> pd.DataFrame:
+    """Validated ``user_id, track_id, weight[, timestamp]``; duplicates are *not* merged yet.
+
+    ``row_base`` is added to a 0-based position to get the row number reported in errors.
+    """
+    if len(raw) == 0:
+        raise DataError("file has no rows", path=path)
+    present = [str(c) for c in raw.columns]
+
+    def need(name: str) -> str:
+        if name not in raw.columns:
+            raise DataError(
+                f"missing required column '{name}'; columns present: {', '.join(present)}",
+                path=path,
+                column=name,
+            )
+        return name
+
+    def optional(explicit: str | None, *fallbacks: str) -> str | None:
+        if explicit is not None:
+            return need(explicit)
+        return next((f for f in fallbacks if f in raw.columns), None)
+
+    user_col, track_col = need(cols.user), need(cols.track)
+    weight_col = optional(cols.weight, "weight", "plays")
+    ts_col = optional(cols.timestamp, "timestamp", "position")
+
+    out = pd.DataFrame(
+        {
+            "user_id": check_ids(raw[user_col], path, user_col, row_base),
+            "track_id": check_ids(raw[track_col], path, track_col, row_base),
+        }
+    )
+    if weight_col is None:
+        out["weight"] = np.ones(len(raw), dtype=np.float64)
+    else:
+        out["weight"] = _weights(raw[weight_col], path, weight_col, row_base)
+    if ts_col is not None:
+        out["timestamp"] = _timestamps(raw[ts_col], path, ts_col, row_base)
+    return out
+
+
+def check_ids(col: pd.Series, path: Path, name: str, row_base: int) -> pd.Series:
+    """Ids as strings; integer-valued floats (ids that passed through a NaN column) lose ``.0``."""
+    values = col.reset_index(drop=True)
+    missing = values.isna().to_numpy()
+    if pd.api.types.is_float_dtype(values.dtype) and (values.dropna() % 1 == 0).all():
+        values = values.astype("Int64")
+    text = values.astype("str")
+    bad = missing | (text.str.strip() == "").to_numpy(dtype=bool, na_value=False)
+    if bad.any():
+        i = _first(bad)
+        what = "missing id" if missing[i] else f"empty id {text.iloc[i]!r}"
+        raise DataError(what, path=path, column=name, row=i + row_base)
+    return text
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _weights(col: pd.Series, path: Path, name: str, row_base: int) -> np.ndarray:
+    values = col.reset_index(drop=True)
+    if pd.api.types.is_bool_dtype(values.dtype) or pd.api.types.is_numeric_dtype(values.dtype):
+        w = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        unparsable = np.zeros(len(w), dtype=bool)
+    else:
+        text = values.astype("str")
+        blank = (values.isna() | (text.str.strip() == "")).to_numpy()
+        w = pd.to_numeric(text.where(~blank), errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
+        unparsable = np.isnan(w) & ~blank
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(w) | (w < 0)
+    if not bad.any():
+        return w
+    i = _first(bad)
+    where = {"path": path, "column": name, "row": i + row_base}
+    if unparsable[i]:
+        raise DataError(f"expected a non-negative number, got {values.iloc[i]!r}", **where)
+    if np.isnan(w[i]):
+        raise DataError("missing weight (NaN or blank); weights must be numbers >= 0", **where)
+    if np.isinf(w[i]):
+        raise DataError(f"weight must be finite, got {w[i]}", **where)
+    raise DataError(f"weight must be >= 0, got {w[i]:g}", **where)
+
+
+def _timestamps(col: pd.Series, path: Path, name: str, row_base: int) -> np.ndarray:
+    """Integers pass through; datetimes and ISO strings become epoch seconds (UTC)."""
+    values = col.reset_index(drop=True)
+    where = {"path": path, "column": name}
+    if pd.api.types.is_datetime64_any_dtype(values.dtype):
+        dt = values.dt.tz_localize("UTC") if values.dt.tz is None else values
+        bad = dt.isna().to_numpy()
+    elif pd.api.types.is_numeric_dtype(values.dtype) and not pd.api.types.is_bool_dtype(
+        values.dtype
+    ):
+        ts = values.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(ts)
+        if bad.any():
+            raise DataError("missing timestamp", **where, row=_first(bad) + row_base)
+        return np.floor(ts).astype(np.int64)
+    else:
+        text = values.astype("str")
+        numeric = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        is_num = np.isfinite(numeric)
+        if is_num.all():
+            return np.floor(numeric).astype(np.int64)
+        dt = pd.to_datetime(text.where(~is_num), utc=True, errors="coerce", format="ISO8601")
+        bad = dt.isna().to_numpy() & ~is_num
+        if not bad.any():
+            seconds = ((dt - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.float64)
+            return np.where(is_num, np.floor(numeric), seconds).astype(np.int64)
+    if bad.any():
+        i = _first(bad)
+        raise DataError(
+            f"expected epoch seconds or an ISO-8601 time, got {values.iloc[i]!r}",
+            **where,
+            row=i + row_base,
+        )
+    return ((dt - _EPOCH) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
+
+
+def dedupe_interactions(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (user, track), first-seen order: weights summed, latest timestamp kept."""
+    users, _ = pd.factorize(frame["user_id"])
+    tracks, track_uniques = pd.factorize(frame["track_id"])
+    key = users.astype(np.int64) * max(len(track_uniques), 1) + tracks
+    groups, uniques = pd.factorize(key)  # group g is the g-th distinct pair in first-seen order
+    if len(uniques) == len(frame):
+        return frame.reset_index(drop=True)
+    first = ~pd.Series(key).duplicated().to_numpy()
+    out = frame.loc[first, ["user_id", "track_id"]].reset_index(drop=True)
+    out["weight"] = np.bincount(groups, weights=frame["weight"].to_numpy(), minlength=len(uniques))
+    if "timestamp" in frame:
+        latest = pd.Series(frame["timestamp"].to_numpy()).groupby(groups).max()
+        out["timestamp"] = latest.to_numpy(dtype=np.int64)
+    return out

@@ -1,0 +1,1 @@
+"""Online and batch serving of an exported tracktower artifact; never imports training code."""

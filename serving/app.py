@@ -1,0 +1,124 @@
+"""Application factory for the HTTP server.
+
+The model is resolved and loaded exactly once, in the lifespan (never at import, never per
+request), and kept in ``app.state``; TensorFlow is only touched there, and only when the artifact
+has a history tower. ``create_app`` with no arguments reads ``TRACKTOWER_*`` settings, which is what
+``uvicorn --factory tracktower.serving.app:factory`` (and ``tracktower serve``) runs in each worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from tracktower.serving.artifact import Recommender
+from tracktower.serving.deps import LoadedModel
+from tracktower.serving.errors import BodySizeLimit, install_error_handlers
+from tracktower.serving.metrics import Metrics, MetricsMiddleware
+from tracktower.serving.routers import health, model, recommendations
+from tracktower.serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def limit_blas_threads(threads: int) -> Any:
+    """Cap BLAS threads process-wide; returns a limiter (``.restore_original_limits()``) or None.
+
+    A single-user score is a small matrix-vector product: BLAS threads buy nothing there but
+    stall on a busy core, which turned a 0.2 ms median into a >10 ms p99 on a shared 2-core box.
+    The server scales by concurrent requests and workers instead.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        log.warning("threadpoolctl is not installed; BLAS thread count left at its default")
+        return None
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def load_model(settings: Settings) -> tuple[Recommender, LoadedModel]:
+    from tracktower.serving.resolve import resolve_artifact
+
+    resolved = resolve_artifact(settings.model_uri, tracking_uri=settings.tracking_uri)
+    recommender = Recommender.load(resolved.path)
+    loaded = LoadedModel(
+        name=resolved.name,
+        version=resolved.version,
+        uri=settings.model_uri,
+    )
+    return recommender, loaded
+
+
+def create_app(settings: Settings | None = None, recommender: Recommender | None = None) -> FastAPI:
+    """Build the app; an injected ``recommender`` skips resolution (tests, embedding)."""
+    settings = settings if settings is not None else Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if recommender is not None:
+            loaded_rec = recommender
+            loaded = LoadedModel(
+                name=recommender.manifest.model_name,
+                version=recommender.manifest.model_version,
+                uri=str(recommender.path),
+            )
+        else:
+            try:
+                loaded_rec, loaded = await run_in_threadpool(load_model, settings)
+            except Exception as exc:
+                log.error("cannot load model %s: %s", settings.model_uri, exc)
+                raise
+        blas = limit_blas_threads(settings.blas_threads) if settings.blas_threads else None
+        app.state.recommender, app.state.model = loaded_rec, loaded
+        metrics.set_model(loaded.name, loaded.version)
+        log.info(
+            "serving %s version %s (%d users, %d tracks, history tower: %s)",
+            loaded.name,
+            loaded.version,
+            loaded_rec.n_users,
+            loaded_rec.n_tracks,
+            loaded_rec.has_history_tower,
+        )
+        try:
+            yield
+        finally:
+            app.state.recommender, app.state.model = None, None
+            metrics.unset_model()
+            if blas is not None:
+                blas.restore_original_limits()
+
+    app = FastAPI(
+        title="tracktower",
+        summary="Two-tower music recommendations",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.recommender = None
+    app.state.model = None
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 413s
+    install_error_handlers(app)
+    app.include_router(health.router)
+    # Routers carry their own /v1 prefix so route templates (metrics labels) include it.
+    app.include_router(recommendations.router)
+    app.include_router(model.router)
+    return app
+
+
+def factory() -> FastAPI:
+    """Entry point for ``uvicorn --factory``: settings from the environment, INFO logs to stderr."""
+    package_log = logging.getLogger("tracktower")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+    return create_app()

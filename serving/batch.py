@@ -1,0 +1,132 @@
+"""Offline top-k for a list of users, written to Parquet.
+
+Uses :meth:`Recommender.top_k_batch` (one matmul per chunk, the shared ``ranking.top_k``), so batch
+output is identical to what the HTTP server would return for the same users.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tracktower.features.errors import DataError
+from tracktower.serving.artifact import Recommender, TopK
+from tracktower.serving.resolve import ResolvedModel, resolve_artifact
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("rank", pa.int64()),
+        ("track_id", pa.string()),
+        ("score", pa.float32()),
+        ("source", pa.string()),
+    ]
+)
+
+
+def read_user_ids(path: str | Path) -> list[str]:
+    """Parquet/CSV/TSV with a ``user_id`` column, or plain text with one id per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("users file does not exist", path=path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+            if "user_id" not in frame.columns:
+                raise DataError("missing column", path=path, column="user_id")
+            values = frame["user_id"]
+        elif suffix in {".csv", ".tsv"}:
+            values = _read_delimited(path, "\t" if suffix == ".tsv" else ",")
+        else:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            values = pd.Series([line.strip() for line in lines if line.strip()], dtype=object)
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise DataError(f"unreadable users file: {reason}", path=path) from exc
+    bad = values.isna() | (values.astype(str).str.strip() == "")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError("empty user id", path=path, column="user_id", row=row)
+    ids = values.astype(str).str.strip().tolist()
+    if not ids:
+        raise DataError("no user ids", path=path)
+    return ids
+
+
+def _read_delimited(path: Path, sep: str) -> pd.Series:
+    frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[])
+    if "user_id" in frame.columns:
+        return frame["user_id"]
+    if frame.shape[1] == 1:  # headerless: one id per line
+        return pd.read_csv(path, sep=sep, dtype=str, header=None, keep_default_na=False)[0]
+    raise DataError("missing column", path=path, column="user_id")
+
+
+def long_format(recommender: Recommender, users: list[str], top: TopK) -> pd.DataFrame:
+    """One row per (user, rank), dropping padding where fewer than k candidates remained.
+
+    ``_row`` is the user's position in ``users`` so callers can restore their own order.
+    """
+    valid = top.indices >= 0
+    rows, cols = np.nonzero(valid)
+    return pd.DataFrame(
+        {
+            "user_id": np.asarray(users, dtype=object)[rows],
+            "rank": (cols + 1).astype(np.int64),
+            "track_id": recommender.track_ids[top.indices[valid]].astype(object),
+            "score": top.scores[valid].astype(np.float32),
+            "source": top.sources[rows].astype(object),
+            "_row": rows,
+        }
+    )
+
+
+def recommend_to_parquet(
+    model: ResolvedModel | str | Path,
+    users_path: str | Path,
+    k: int,
+    output: str | Path,
+    *,
+    chunk_size: int = 1024,
+    tracking_uri: str | None = None,
+) -> int:
+    """Write ``user_id, rank, track_id, score, source`` for every listed user; returns rows."""
+    if k < 1:
+        raise DataError(f"k must be >= 1, got {k}")
+    users = read_user_ids(users_path)
+    resolved = (
+        model
+        if isinstance(model, ResolvedModel)
+        else resolve_artifact(str(model), tracking_uri=tracking_uri)
+    )
+    recommender = Recommender.load(resolved.path, history_tower=False)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    written = 0
+    # Written to a side file and renamed, so a crash never leaves a truncated output behind.
+    with pq.ParquetWriter(partial, SCHEMA) as writer:
+        for start in range(0, len(users), chunk_size):
+            chunk = users[start : start + chunk_size]
+            frame = long_format(recommender, chunk, recommender.top_k_batch(chunk, k))
+            writer.write_table(_table(frame.drop(columns="_row")))
+            written += len(frame)
+    os.replace(partial, output)
+    log.info("wrote %d rows for %d users to %s", written, len(users), output)
+    return written
+
+
+def _table(frame: pd.DataFrame) -> Any:
+    return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)

@@ -1,0 +1,120 @@
+"""``tracktower serve`` and ``tracktower recommend``.
+
+``serve`` resolves the model URI once in the parent process, so a missing alias or path is one
+error line (DataError, exit 2) instead of a traceback from every worker, and an alias is pinned to
+its concrete version so all workers load the same model even if the alias moves during startup.
+Options reach the workers as ``TRACKTOWER_*`` environment variables (see settings.py).
+
+Both commands render DataError themselves (``error: <line>`` on stderr, exit 2) because serving
+cannot import the root CLI's guard from training, and must behave the same however it is mounted.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, ParamSpec, TypeVar
+
+import typer
+
+from tracktower.features.errors import DataError
+from tracktower.serving.settings import Settings
+
+app = typer.Typer(help="Serve or batch-score an exported tracktower model.", no_args_is_help=True)
+
+MODEL_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a local artifact/model "
+    "directory (default: $TRACKTOWER_MODEL_URI, else models:/tracktower@champion)"
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _guarded(command: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except DataError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return run
+
+
+@app.command()
+@_guarded
+def serve(
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP, show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: 8000)")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (default: 1)")] = None,
+) -> None:
+    """Run the HTTP API (uvicorn) for a registered or local model."""
+    import uvicorn
+
+    from tracktower.serving.resolve import resolve_artifact
+
+    overrides = {"host": host, "port": port, "workers": workers}
+    for name, value in overrides.items():
+        if value is not None:
+            os.environ[f"TRACKTOWER_{name.upper()}"] = str(value)
+    base = _settings()
+    uri = model if model is not None else base.model_uri
+    resolved = resolve_artifact(uri, tracking_uri=base.tracking_uri)
+    pinned = f"models:/{resolved.name}/{resolved.version}" if uri.startswith("models:/") else uri
+    os.environ["TRACKTOWER_MODEL_URI"] = pinned
+    settings = _settings()
+    typer.echo(
+        f"serving {_describe(resolved.name, resolved.version)} from {pinned} "
+        f"on http://{settings.host}:{settings.port}",
+        err=True,
+    )
+    uvicorn.run(
+        "tracktower.serving.app:factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+    )
+
+
+@app.command()
+@_guarded
+def recommend(
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP, show_default=False)] = None,
+    *,
+    users: Annotated[
+        Path, typer.Option(help="Parquet/CSV with a user_id column, or one id per line")
+    ],
+    k: Annotated[int, typer.Option(min=1, help="Tracks per user")] = 10,
+    output: Annotated[Path, typer.Option(help="Parquet file to write")],
+) -> None:
+    """Write top-k recommendations for every listed user to Parquet."""
+    from tracktower.serving.batch import recommend_to_parquet
+    from tracktower.serving.resolve import resolve_artifact
+
+    base = _settings()
+    resolved = resolve_artifact(model or base.model_uri, tracking_uri=base.tracking_uri)
+    rows = recommend_to_parquet(resolved, users, k, output)
+    typer.echo(f"wrote {rows} rows to {output} ({_describe(resolved.name, resolved.version)})")
+
+
+def _settings() -> Settings:
+    """Settings from the environment, with a bad variable reported as DataError (exit 2)."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = "_".join(str(p) for p in first["loc"]).upper()
+        prefix = f"TRACKTOWER_{loc}: " if loc else "TRACKTOWER_* settings: "
+        raise DataError(prefix + first["msg"]) from None
+
+
+def _describe(name: str | None, version: str | None) -> str:
+    return f"{name} version {version}" if version else f"{name} (unregistered)"

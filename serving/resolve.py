@@ -1,0 +1,136 @@
+"""Turn a model URI (registry alias/version, run, or local directory) into a local artifact dir.
+
+Aliases are looked up once and pinned to the concrete version before downloading, so the name and
+version reported by the server are exactly what was loaded even if the alias moves meanwhile.
+MLflow is imported inside the functions: a local directory never pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tracktower.features.errors import DataError
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # directory containing manifest.json
+    name: str | None
+    version: str | None
+    uri: str
+
+
+def resolve_artifact(
+    uri: str, *, tracking_uri: str | None = None, dst_path: str | Path | None = None
+) -> ResolvedModel:
+    """Resolve and, for remote URIs, download; raises DataError with a one-line reason."""
+    uri = uri.strip()
+    if not uri:
+        raise DataError("empty model URI")
+    if uri.startswith("models:/"):
+        return _resolve_registry(uri, tracking_uri, dst_path)
+    if "://" in uri or uri.startswith("runs:/"):
+        local = _download(uri, tracking_uri, dst_path)
+        return _from_local(local, uri)
+    path = Path(uri).expanduser()
+    if not path.exists():
+        raise DataError("no such model directory", path=path)
+    return _from_local(path, uri)
+
+
+def _resolve_registry(
+    uri: str, tracking_uri: str | None, dst_path: str | Path | None
+) -> ResolvedModel:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _MODELS_URI.match(uri)
+    if match is None:
+        raise DataError("expected models:/NAME@ALIAS or models:/NAME/VERSION", path=uri)
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        raise DataError(f"registered model '{name}' not found ({_reason(exc)})", path=uri) from exc
+    try:
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, version)
+    except MlflowException as exc:
+        what = f"alias '{alias}'" if alias is not None else f"version {version}"
+        raise DataError(f"model '{name}' has no {what} ({_reason(exc)})", path=uri) from exc
+    local = _download(f"models:/{name}/{version}", tracking_uri, dst_path)
+    resolved = _from_local(local, uri)
+    return ResolvedModel(resolved.path, name, version, uri)
+
+
+def _reason(exc: Any) -> str:
+    message = getattr(exc, "message", None) or str(exc)
+    return " ".join(str(message).split())[:200]
+
+
+def _download(uri: str, tracking_uri: str | None, dst_path: str | Path | None) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri,
+            tracking_uri=tracking_uri,
+            dst_path=str(dst_path) if dst_path is not None else None,
+        )
+    except (MlflowException, OSError) as exc:
+        raise DataError(f"cannot download model ({_reason(exc)})", path=uri) from exc
+    return Path(local)
+
+
+def _from_local(path: Path, uri: str) -> ResolvedModel:
+    artifact = _locate(path)
+    try:
+        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable manifest ({_reason(exc)})", path=artifact) from exc
+    name = manifest.get("model_name") if isinstance(manifest, dict) else None
+    version = manifest.get("model_version") if isinstance(manifest, dict) else None
+    return ResolvedModel(
+        artifact.resolve(),
+        str(name) if name is not None else None,
+        str(version) if version is not None else None,
+        uri,
+    )
+
+
+def _locate(path: Path) -> Path:
+    """The artifact dir itself, or the one logged inside a pyfunc model's ``artifacts/``."""
+    if (path / "manifest.json").is_file():
+        return path
+    mlmodel = path / "MLmodel"
+    if mlmodel.is_file():
+        declared = _declared_artifact(mlmodel)
+        if declared is not None and (path / declared / "manifest.json").is_file():
+            return path / declared
+        found = sorted((path / "artifacts").glob("*/manifest.json"))
+        if found:
+            return found[0].parent
+        raise DataError("MLflow model has no tracktower artifact under artifacts/", path=path)
+    raise DataError("neither an artifact (manifest.json) nor an MLflow model (MLmodel)", path=path)
+
+
+def _declared_artifact(mlmodel: Path) -> str | None:
+    import yaml
+
+    try:
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+        entry = spec["flavors"]["python_function"]["artifacts"]["artifact"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    value = entry.get("path") if isinstance(entry, dict) else None
+    return str(value) if value else None

@@ -1,0 +1,1 @@
+"""Thin HTTP routers; the work is done by the recommender held in application state."""

@@ -1,0 +1,33 @@
+"""What is being served: the manifest summary of the loaded artifact."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from tracktower.serving.deps import LoadedModelDep, RecommenderDep
+from tracktower.serving.schemas import DatasetSummary, ErrorResponse, ModelSummary
+
+router = APIRouter(prefix="/v1", tags=["model"])
+
+
+@router.get("/model", response_model=ModelSummary, responses={503: {"model": ErrorResponse}})
+async def model_summary(recommender: RecommenderDep, loaded: LoadedModelDep) -> ModelSummary:
+    manifest = recommender.manifest
+    return ModelSummary(
+        name=loaded.name,
+        version=loaded.version,
+        uri=loaded.uri,
+        run_id=manifest.run_id,
+        created_at=manifest.created_at,
+        format_version=manifest.format_version,
+        embedding_dim=manifest.embedding_dim,
+        has_history_tower=manifest.has_history_tower,
+        metrics=manifest.metrics,
+        dataset=DatasetSummary.model_validate(manifest.dataset.model_dump()),
+        counts={
+            "users": recommender.n_users,
+            "tracks": recommender.n_tracks,
+            "seen_interactions": recommender.seen.nnz,
+        },
+        libraries=manifest.libraries,
+    )

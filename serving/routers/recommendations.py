@@ -1,0 +1,140 @@
+"""Recommendation endpoints: validate against Settings limits, delegate to the Recommender.
+
+Single-user handlers are ``async``: scoring takes well under a millisecond, and the hop into the
+threadpool (a GIL hand-off) measured 1-2 ms at p50 on a busy 2-core box, more than the work
+itself. The batch handler can score a thousand users, so it stays ``def`` and runs in the
+threadpool, off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from tracktower.serving.artifact import Item, Recommendation
+from tracktower.serving.deps import (
+    LoadedModel,
+    LoadedModelDep,
+    MetricsDep,
+    RecommenderDep,
+    SettingsDep,
+)
+from tracktower.serving.errors import ApiError
+from tracktower.serving.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ErrorResponse,
+    RecommendationResponse,
+    RecommendRequest,
+)
+from tracktower.serving.settings import Settings
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["recommendations"],
+    responses={
+        400: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
+)
+
+
+def _k(k: int | None, settings: Settings) -> int:
+    if k is None:
+        return settings.default_k
+    if not 1 <= k <= settings.max_k:
+        raise ApiError(422, "out_of_range", f"k must be between 1 and {settings.max_k}", "k")
+    return k
+
+
+def _check_id(value: str, field: str, settings: Settings) -> None:
+    if not value.strip():
+        raise ApiError(422, "invalid_id", "id must not be empty", field)
+    if len(value) > settings.max_id_length:
+        raise ApiError(
+            422, "invalid_id", f"id longer than {settings.max_id_length} characters", field
+        )
+
+
+def _check_ids(values: Sequence[str], field: str, limit: int, settings: Settings) -> None:
+    if len(values) > limit:
+        raise ApiError(422, "too_many_items", f"at most {limit} ids allowed", field)
+    for i, value in enumerate(values):
+        _check_id(value, f"{field}[{i}]", settings)
+
+
+def _items(items: list[Item]) -> list[dict[str, Any]]:
+    return [{"track_id": t, "score": s, "title": ti, "artist": a} for t, s, ti, a in items]
+
+
+def _response(user_id: str, rec: Recommendation, loaded: LoadedModel) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "model": {"name": loaded.name, "version": loaded.version},
+        "source": rec.source,
+        "items": _items(rec.items),
+    }
+
+
+@router.get("/users/{user_id}/recommendations", response_model=RecommendationResponse)
+async def user_recommendations(
+    user_id: str,
+    recommender: RecommenderDep,
+    loaded: LoadedModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    k: Annotated[int | None, Query(description="number of tracks (1..max_k)")] = None,
+) -> dict[str, Any]:
+    """Top-k for a user; users unknown to the model get the most popular tracks."""
+    _check_id(user_id, "user_id", settings)
+    rec = recommender.recommend(user_id, _k(k, settings))
+    metrics.count_source(rec.source)
+    return _response(user_id, rec, loaded)
+
+
+@router.post("/recommendations", response_model=RecommendationResponse)
+async def recommend(
+    body: RecommendRequest,
+    recommender: RecommenderDep,
+    loaded: LoadedModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> dict[str, Any]:
+    """Top-k with request-time excludes; ``recent_track_ids`` personalise unknown users."""
+    _check_id(body.user_id, "user_id", settings)
+    _check_ids(body.exclude_track_ids, "exclude_track_ids", settings.max_track_ids, settings)
+    _check_ids(body.recent_track_ids, "recent_track_ids", settings.max_track_ids, settings)
+    rec = recommender.recommend(
+        body.user_id,
+        _k(body.k, settings),
+        exclude_track_ids=body.exclude_track_ids,
+        recent_track_ids=body.recent_track_ids,
+    )
+    metrics.count_source(rec.source)
+    return _response(body.user_id, rec, loaded)
+
+
+@router.post("/recommendations:batch", response_model=BatchResponse)
+def recommend_batch(
+    body: BatchRequest,
+    recommender: RecommenderDep,
+    loaded: LoadedModelDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+) -> dict[str, Any]:
+    """Many users in one vectorised scoring pass."""
+    if not body.user_ids:
+        raise ApiError(422, "invalid_request", "user_ids must not be empty", "user_ids")
+    _check_ids(body.user_ids, "user_ids", settings.max_batch_users, settings)
+    recs = recommender.recommend_batch(body.user_ids, _k(body.k, settings))
+    for source, n in Counter(rec.source for rec in recs).items():
+        metrics.count_source(source, n)
+    results = [
+        {"user_id": user_id, "source": rec.source, "items": _items(rec.items)}
+        for user_id, rec in zip(body.user_ids, recs, strict=True)
+    ]
+    return {"model": {"name": loaded.name, "version": loaded.version}, "results": results}

@@ -1,0 +1,96 @@
+"""Request and response bodies of the HTTP API.
+
+Request bodies are strict (JSON types are not coerced, unknown fields are rejected) so a client bug
+such as ``"k": "10"`` or a misspelt field fails loudly instead of being silently reinterpreted.
+Limits that depend on Settings (max k, id length, batch size) are checked in the routers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Source = Literal["model", "popular", "session"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class RecommendRequest(_Request):
+    user_id: str
+    k: int | None = None
+    exclude_track_ids: list[str] = Field(default_factory=list)
+    recent_track_ids: list[str] = Field(default_factory=list)
+
+
+class BatchRequest(_Request):
+    user_ids: list[str]
+    k: int | None = None
+
+
+class ModelRef(BaseModel):
+    name: str | None
+    version: str | None
+
+
+class RecommendedItem(BaseModel):
+    track_id: str
+    score: float
+    title: str | None = None
+    artist: str | None = None
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str
+    model: ModelRef
+    source: Source
+    items: list[RecommendedItem]
+
+
+class BatchResult(BaseModel):
+    user_id: str
+    source: Source
+    items: list[RecommendedItem]
+
+
+class BatchResponse(BaseModel):
+    model: ModelRef
+    results: list[BatchResult]
+
+
+class DatasetSummary(BaseModel):
+    fingerprint: str
+    rows: int
+    users: int
+    tracks: int
+
+
+class ModelSummary(BaseModel):
+    name: str | None
+    version: str | None
+    uri: str | None
+    run_id: str | None
+    created_at: str
+    format_version: int
+    embedding_dim: int
+    has_history_tower: bool
+    metrics: dict[str, Any]
+    dataset: DatasetSummary
+    counts: dict[str, int]
+    libraries: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading"]

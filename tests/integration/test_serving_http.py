@@ -1,0 +1,132 @@
+"""A real uvicorn process serving a fake artifact (with a TF history tower) over loopback HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _fixtures() -> ModuleType:
+    """tests/unit/serving_fixtures.py, loaded by path (tests/unit is not a package)."""
+    path = Path(__file__).parents[1] / "unit" / "serving_fixtures.py"
+    spec = importlib.util.spec_from_file_location("serving_fixtures_http", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("http")
+    artifact = _fixtures().write_fake_artifact(root / "artifact", 40, 300, 8, True)
+    port = _free_port()
+    env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact), "TRACKTOWER_MAX_K": "50"}
+    log_path = root / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--factory",
+                "tracktower.serving.app:factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited early:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 120 s:\n{log_path.read_text()}")
+            time.sleep(0.25)
+        yield base, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _count(metrics: str, prefix: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(prefix)
+    )
+
+
+def test_endpoints_over_http(server: tuple[str, Path]) -> None:
+    base, log_path = server
+    with httpx.Client(base_url=base, timeout=10) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        model = client.get("/v1/model").json()
+        assert (model["counts"]["users"], model["counts"]["tracks"]) == (40, 300)
+        assert model["has_history_tower"] is True
+
+        known = client.get("/v1/users/u00003/recommendations", params={"k": 5}).json()
+        assert known["source"] == "model" and len(known["items"]) == 5
+        unknown = client.get("/v1/users/nobody/recommendations").json()
+        assert unknown["source"] == "popular" and len(unknown["items"]) == 10
+        session = client.post(
+            "/v1/recommendations",
+            json={"user_id": "new", "k": 4, "recent_track_ids": ["t000001", "t000002"]},
+        ).json()
+        assert session["source"] == "session"
+        assert not {"t000001", "t000002"} & {item["track_id"] for item in session["items"]}
+        batch = client.post(
+            "/v1/recommendations:batch", json={"user_ids": ["u00001", "x"], "k": 2}
+        ).json()
+        assert [r["source"] for r in batch["results"]] == ["model", "popular"]
+
+        bad = client.get("/v1/users/u00003/recommendations", params={"k": 51})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "k"
+        broken = client.post(
+            "/v1/recommendations", content=b"{", headers={"Content-Type": "application/json"}
+        )
+        assert broken.status_code == 400
+        assert client.get("/v1/users/u00003/recommendations").status_code == 200
+
+        metrics = client.get("/metrics").text
+    route = (
+        'tracktower_http_requests_total{method="GET",route="/v1/users/{user_id}/recommendations"'
+    )
+    assert _count(metrics, route + ',status="200"}') == 3
+    assert _count(metrics, route + ',status="422"}') == 1
+    assert _count(metrics, 'tracktower_recommendations_total{source="session"}') == 1
+    assert _count(metrics, 'tracktower_recommendations_total{source="popular"}') == 2
+    assert _count(metrics, "tracktower_model_info{") == 1
+    assert "serving tracktower" in log_path.read_text()

@@ -1,0 +1,1 @@
+"""Training, evaluation, export and experiment tracking for the two-tower model."""

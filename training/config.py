@@ -1,0 +1,200 @@
+"""Experiment configuration: YAML validated into typed models, overridable with ``key=value``.
+
+Everything that changes what a run learns lives here, so that the flattened config logged to MLflow
+is a complete description of the run and two runs can be compared field by field in the UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tracktower.features.errors import DataError
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a YAML file must not silently fall back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnsConfig(_Strict):
+    user: str = "user_id"
+    track: str = "track_id"
+    weight: str | None = None
+    timestamp: str | None = None
+
+
+class DataConfig(_Strict):
+    interactions: Path | None = None
+    tracks: Path | None = None
+    columns: ColumnsConfig = ColumnsConfig()
+    # 0 disables; >0 drops users and tracks with fewer interactions, iterated until stable.
+    k_core: int = Field(0, ge=0)
+
+
+class SplitConfig(_Strict):
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    min_user_interactions: int = Field(5, ge=2)
+    # --final keeps only this much of each user's history aside, for early stopping.
+    final_val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must leave at least 10% for training")
+        return self
+
+
+class ModelConfig(_Strict):
+    embedding_dim: int = Field(64, ge=2, le=4096)
+    use_user_id: bool = True
+    use_history: bool = True
+    use_artist: bool = True
+    query_layers: list[int] = Field(default_factory=lambda: [128])
+    candidate_layers: list[int] = Field(default_factory=list)
+    normalize: bool = True
+    temperature: float = Field(0.05, gt=0.0)
+    # Fraction of training examples whose user id is hidden, so the query tower also learns to
+    # answer from listening history alone (the cold-start "session" path at serving time).
+    user_id_dropout: float = Field(0.2, ge=0.0, le=1.0)
+    history_max_len: int = Field(100, ge=1)
+    logq_correction: bool = True
+    remove_accidental_hits: bool = True
+    # Uniformly sampled extra negatives per batch, on top of the in-batch ones (0 = in-batch only).
+    uniform_negatives: int = Field(0, ge=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @field_validator("query_layers", "candidate_layers")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(n <= 0 for n in v):
+            raise ValueError("layer sizes must be positive integers")
+        return v
+
+    @model_validator(mode="after")
+    def _some_query_input(self) -> ModelConfig:
+        if not (self.use_user_id or self.use_history):
+            raise ValueError("the query tower needs use_user_id or use_history (or both)")
+        return self
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: str = "recall_at_20"
+    patience: int = Field(2, ge=0)
+
+
+class TrainConfig(_Strict):
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    learning_rate: float = Field(0.003, gt=0.0)
+    # "auto" derives the batch size from the number of training interactions (see pipeline).
+    batch_size: int | Literal["auto"] = "auto"
+    epochs: int = Field(10, ge=1)
+    weighting: Literal["none", "log1p", "raw"] = "log1p"
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    strategy: Literal["auto", "cpu", "mirrored", "multi_worker"] = "auto"
+    mixed_precision: bool = False
+    seed: int = 42
+    # Validation users scored per epoch (a seeded sample keeps epochs fast on big data).
+    max_val_users: int = Field(5000, ge=1)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 2:
+            raise ValueError("batch_size must be >= 2 or 'auto'")
+        return v
+
+
+class EvalConfig(_Strict):
+    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100])
+    export_top_k: int = Field(100, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    experiment: str = "tracktower"
+    model_name: str = "tracktower"
+    run_name: str | None = None
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _parse_value(raw: str) -> Any:
+    """``--set`` values are YAML scalars/lists so that ``model.query_layers=[256,128]`` works."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise DataError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise DataError(f"--set expects key=value, got {item!r}")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise DataError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate; every failure becomes a one-line DataError naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError("config file not found", path=path) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read config: {exc}", path=path) from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise DataError(f"invalid YAML: {exc}".replace("\n", " "), path=path) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise DataError("expected a mapping at the top level", path=path)
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        where = str(path) if path is not None else "config"
+        raise DataError(f"field '{field}': {first['msg']}{more}", path=where) from None
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted key → scalar, the shape MLflow params and the UI's column picker want."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

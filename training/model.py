@@ -1,0 +1,203 @@
+"""The two towers and the TFRS model that trains them.
+
+Index convention shared with the input pipeline and the export: row 0 of every embedding table is the
+out-of-vocabulary / padding slot, known ids start at 1. That is exactly what a ``StringLookup`` with
+one OOV index produces, so the exported model can put the lookup in front of the same towers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow_recommenders as tfrs
+
+from tracktower.features.tf import tf
+from tracktower.training.config import ModelConfig
+
+keras = tf.keras
+
+
+def _mlp(sizes: list[int], out_dim: int, dropout: float, name: str) -> keras.Sequential:
+    """Hidden ReLU layers then a linear projection to the shared embedding space."""
+    layers: list[keras.layers.Layer] = []
+    for n in sizes:
+        layers.append(keras.layers.Dense(n, activation="relu"))
+        if dropout > 0:
+            layers.append(keras.layers.Dropout(dropout))
+    layers.append(keras.layers.Dense(out_dim))
+    return keras.Sequential(layers, name=name)
+
+
+class QueryTower(keras.Model):
+    """User → embedding, from the user id, the user's listening history, or both.
+
+    The history is a right-padded matrix of track indices (0 = padding) pooled with a masked mean
+    over the *shared* track embedding table, so a user the model has never seen can still be
+    embedded from the tracks they just played.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_users: int,
+        track_embedding: keras.layers.Embedding,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.user_embedding = (
+            keras.layers.Embedding(n_users + 1, cfg.embedding_dim, name="user_embedding")
+            if cfg.use_user_id
+            else None
+        )
+        self.track_embedding = track_embedding
+        n_inputs = int(cfg.use_user_id) + int(cfg.use_history)
+        needs_mlp = bool(cfg.query_layers) or n_inputs > 1
+        self.mlp = (
+            _mlp(cfg.query_layers, cfg.embedding_dim, cfg.dropout, "query_mlp") if needs_mlp else None
+        )
+
+    def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        parts = []
+        if self.user_embedding is not None:
+            parts.append(self.user_embedding(inputs["user"]))
+        if self.cfg.use_history:
+            history = inputs["history"]
+            mask = tf.cast(tf.greater(history, 0), tf.float32)
+            emb = self.track_embedding(history) * tf.expand_dims(mask, -1)
+            count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+            parts.append(tf.reduce_sum(emb, axis=1) / count)
+        x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+        if self.mlp is not None:
+            x = self.mlp(x, training=training)
+        x = tf.cast(x, tf.float32)
+        return tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+
+
+class CandidateTower(keras.Model):
+    """Track index → embedding: the track id, plus its artist when the tracks file names one.
+
+    The artist table maps track index → artist index inside the tower so that callers (training,
+    export, serving) only ever pass track indices.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        track_embedding: keras.layers.Embedding,
+        track_artist: np.ndarray | None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.track_embedding = track_embedding
+        self.track_artist: tf.Tensor | None = None
+        self.artist_embedding = None
+        if track_artist is not None:
+            self.track_artist = tf.constant(track_artist, dtype=tf.int32)
+            n_artists = int(track_artist.max()) + 1
+            self.artist_embedding = keras.layers.Embedding(
+                n_artists, cfg.embedding_dim, name="artist_embedding"
+            )
+        needs_mlp = bool(cfg.candidate_layers) or self.artist_embedding is not None
+        self.mlp = (
+            _mlp(cfg.candidate_layers, cfg.embedding_dim, cfg.dropout, "candidate_mlp")
+            if needs_mlp
+            else None
+        )
+
+    def call(self, track: tf.Tensor, training: bool = False) -> tf.Tensor:
+        x = self.track_embedding(track)
+        if self.artist_embedding is not None and self.track_artist is not None:
+            artist = tf.gather(self.track_artist, track)
+            x = tf.concat([x, self.artist_embedding(artist)], axis=-1)
+        if self.mlp is not None:
+            x = self.mlp(x, training=training)
+        x = tf.cast(x, tf.float32)
+        return tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+
+
+class TwoTowerModel(tfrs.Model):
+    """In-batch softmax retrieval, optionally with logQ correction and uniform extra negatives.
+
+    Batches carry ``user``, ``history``, ``track``, ``weight`` and ``log_q`` (log sampling
+    probability of the positive track), all prepared by :mod:`tracktower.training.pipeline`.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_users: int,
+        n_tracks: int,
+        track_artist: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_tracks = n_tracks
+        self.track_embedding = keras.layers.Embedding(
+            n_tracks + 1, cfg.embedding_dim, name="track_embedding"
+        )
+        self.query_tower = QueryTower(cfg, n_users, self.track_embedding, name="query_tower")
+        self.candidate_tower = CandidateTower(
+            cfg,
+            self.track_embedding,
+            track_artist if cfg.use_artist else None,
+            name="candidate_tower",
+        )
+        self.task = tfrs.tasks.Retrieval(
+            temperature=cfg.temperature if cfg.normalize else None,
+            remove_accidental_hits=cfg.remove_accidental_hits,
+        )
+
+    def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
+        query = self.query_tower(features, training=training)
+        track = features["track"]
+        candidates = self.candidate_tower(track, training=training)
+        log_q = features["log_q"] if self.cfg.logq_correction else None
+        ids = track
+        if self.cfg.uniform_negatives > 0:
+            # Mixed negatives (Yang et al. 2020): in-batch negatives are popularity-biased, so add a
+            # uniform sample whose log-probability corrects the same way as the in-batch ones.
+            extra = tf.random.uniform(
+                [self.cfg.uniform_negatives], 1, self.n_tracks + 1, dtype=track.dtype
+            )
+            candidates = tf.concat([candidates, self.candidate_tower(extra, training=training)], 0)
+            ids = tf.concat([track, extra], 0)
+            if log_q is not None:
+                uniform_q = tf.fill([self.cfg.uniform_negatives], -tf.math.log(float(self.n_tracks)))
+                log_q = tf.concat([log_q, uniform_q], 0)
+        return self._retrieval_loss(query, candidates, features["weight"], log_q, ids)
+
+    def _retrieval_loss(
+        self,
+        query: tf.Tensor,
+        candidates: tf.Tensor,
+        weight: tf.Tensor,
+        log_q: tf.Tensor | None,
+        ids: tf.Tensor,
+    ) -> tf.Tensor:
+        if self.cfg.uniform_negatives == 0:
+            return self.task(
+                query,
+                candidates,
+                sample_weight=weight,
+                candidate_sampling_probability=tf.exp(log_q) if log_q is not None else None,
+                candidate_ids=ids if self.cfg.remove_accidental_hits else None,
+                compute_metrics=False,
+                compute_batch_metrics=False,
+            )
+        # tfrs.tasks.Retrieval assumes a square [batch, batch] label matrix; with extra columns the
+        # softmax is written out, with the same temperature, logQ and accidental-hit handling.
+        scores = tf.matmul(query, candidates, transpose_b=True)
+        if self.cfg.normalize:
+            scores = scores / self.cfg.temperature
+        if log_q is not None:
+            scores = scores - tf.expand_dims(log_q, 0)
+        batch = tf.shape(query)[0]
+        labels = tf.one_hot(tf.range(batch), tf.shape(candidates)[0])
+        if self.cfg.remove_accidental_hits:
+            same = tf.cast(tf.equal(tf.expand_dims(ids[:batch], 1), tf.expand_dims(ids, 0)), scores.dtype)
+            scores = scores + (same - labels) * -1e9
+        loss = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=scores)
+        return tf.reduce_sum(loss * weight)
