@@ -183,9 +183,14 @@ def two_tower_systems(ctx: BenchContext) -> list[System]:
     return []
 
 
-def _fmt_params(params: dict[str, Any]) -> str:
-    shown = {k: v for k, v in params.items() if k not in {"iterations", "random_state"}}
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+def _fmt_params(result: SystemResult) -> str:
+    """Baselines reuse their MLflow run name ("λ=100", "f=64 reg=1 alpha=10"); others list params."""
+    from tracktower.training.baselines import BASELINES
+    from tracktower.training.baselines.runner import run_name_for
+
+    if result.system in BASELINES:
+        return run_name_for({"model": result.system, **result.params}).removeprefix(result.system)
+    return " ".join(f"{k}={v}" for k, v in result.params.items())
 
 
 def print_table(spec: DatasetSpec, results: Sequence[SystemResult]) -> None:
@@ -194,11 +199,12 @@ def print_table(spec: DatasetSpec, results: Sequence[SystemResult]) -> None:
     print(f"{'system':<10} {'best params':<44} " + " ".join(f"{h:>6}" for h in heads) + "  fit s")
     for r in results:
         vals = " ".join(f"{r.metrics.get(m, float('nan')):6.4f}" for m in TABLE_METRICS)
-        print(f"{r.system:<10} {_fmt_params(r.params)[:44]:<44} {vals} {r.fit_seconds:6.1f}")
+        print(f"{r.system:<10} {_fmt_params(r).strip()[:44]:<44} {vals} {r.fit_seconds:6.1f}")
 
 
 def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.parquet as pq
+
     from tracktower.training.config import DataConfig, SplitConfig
     from tracktower.training.data import prepare
 

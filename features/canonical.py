@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+
 from tracktower.features.errors import DataError
 
 __all__ = ["ColumnMap", "canonical_interactions", "check_ids", "dedupe_interactions"]

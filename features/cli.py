@@ -13,6 +13,7 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
+
 from tracktower.features.errors import DataError
 
 __all__ = ["EXIT_BAD_INPUT", "app", "error_line", "guarded", "run_guarded"]

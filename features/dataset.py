@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
+
 from tracktower.features.errors import DataError
 from tracktower.features.split import Split
 

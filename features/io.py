@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+
 from tracktower.features.canonical import (
     ColumnMap,
     canonical_interactions,

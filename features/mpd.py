@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from tracktower.features.errors import DataError
 
 __all__ = ["MPD_GLOB", "URI_PREFIX", "read_mpd_frames"]

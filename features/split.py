@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
 from tracktower.features.errors import DataError
 
 __all__ = ["Split", "holdout", "pair_keys"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from tracktower.features.errors import DataError
 
 __all__ = ["GENRES", "generate", "save", "write"]

@@ -7,6 +7,7 @@ Bad input anywhere becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,13 +34,15 @@ def _logging(verbose: bool) -> None:
     )
     for noisy in ("mlflow", "alembic", "urllib3", "git", "absl", "h5py", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Keras warns that subclassed towers have no get_config; export uses SavedModel signatures.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @app.command()
 def train(
-    config: Annotated[
-        Path, typer.Option(help="Experiment YAML (validated; see configs/).")
-    ] = Path("configs/default.yaml"),
+    config: Annotated[Path, typer.Option(help="Experiment YAML (validated; see configs/).")] = Path(
+        "configs/default.yaml"
+    ),
     interactions: Annotated[
         Path | None,
         typer.Option(help="Interactions: Parquet file/dir, CSV/TSV, or a directory of MPD slices."),
@@ -108,5 +111,7 @@ def _register_optional_commands() -> None:
 
 
 def main() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _register_optional_commands()
     app()

@@ -76,6 +76,13 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         min_user_interactions=split.min_user_interactions,
         seed=split.seed,
     )
+    if not final and parts.test.empty:
+        raise DataError(
+            f"no user has the {split.min_user_interactions} interactions needed to hold some out "
+            f"for testing ({len(interactions)} interactions in all); lower "
+            "split.min_user_interactions or provide more data",
+            path=path,
+        )
     encoded = encode(parts)
     return Prepared(
         interactions=interactions,

@@ -84,5 +84,11 @@ def evaluate_model(
     if len(users) == 0:
         return {}
     return evaluate_embeddings(
-        user_embeddings(model, table, users), track_embeddings(model), users, train, truth, unknown, ks
+        user_embeddings(model, table, users),
+        track_embeddings(model),
+        users,
+        train,
+        truth,
+        unknown,
+        ks,
     )

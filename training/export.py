@@ -49,7 +49,9 @@ class ServingModule(tf.Module):
         self.history_values = tf.Variable(table.flat_values, trainable=False)
         self.history_splits = tf.Variable(table.row_splits, trainable=False)
         self.candidates = tf.Variable(candidates, trainable=False)
-        self.track_ids = tf.Variable(np.asarray(track_ids, dtype=object).astype(bytes), trainable=False)
+        self.track_ids = tf.Variable(
+            np.asarray(track_ids, dtype=object).astype(bytes), trainable=False
+        )
         self.top_k = min(top_k, len(track_ids))
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="user_id")])
@@ -125,7 +127,9 @@ def export_artifact(inputs: ExportInputs, out_dir: Path, top_k: int) -> Path:
         popular=popular,
         popular_scores=popular_scores,
     )
-    _track_metadata(inputs.track_ids, inputs.tracks).to_parquet(out_dir / "tracks.parquet", index=False)
+    _track_metadata(inputs.track_ids, inputs.tracks).to_parquet(
+        out_dir / "tracks.parquet", index=False
+    )
     module = ServingModule(
         model, inputs.user_ids, inputs.track_ids, inputs.table, candidates, top_k
     )

@@ -1,8 +1,8 @@
 """The two towers and the TFRS model that trains them.
 
-Index convention shared with the input pipeline and the export: row 0 of every embedding table is the
-out-of-vocabulary / padding slot, known ids start at 1. That is exactly what a ``StringLookup`` with
-one OOV index produces, so the exported model can put the lookup in front of the same towers.
+Index convention shared with the input pipeline and the export: row 0 of every embedding table is
+the out-of-vocabulary / padding slot, known ids start at 1. That is exactly what a ``StringLookup``
+with one OOV index produces, so the exported model can put the lookup in front of the same towers.
 """
 
 from __future__ import annotations
@@ -15,21 +15,19 @@ import tensorflow_recommenders as tfrs
 from tracktower.features.tf import tf
 from tracktower.training.config import ModelConfig
 
-keras = tf.keras
 
-
-def _mlp(sizes: list[int], out_dim: int, dropout: float, name: str) -> keras.Sequential:
+def _mlp(sizes: list[int], out_dim: int, dropout: float, name: str) -> tf.keras.Sequential:
     """Hidden ReLU layers then a linear projection to the shared embedding space."""
-    layers: list[keras.layers.Layer] = []
+    layers: list[tf.keras.layers.Layer] = []
     for n in sizes:
-        layers.append(keras.layers.Dense(n, activation="relu"))
+        layers.append(tf.keras.layers.Dense(n, activation="relu"))
         if dropout > 0:
-            layers.append(keras.layers.Dropout(dropout))
-    layers.append(keras.layers.Dense(out_dim))
-    return keras.Sequential(layers, name=name)
+            layers.append(tf.keras.layers.Dropout(dropout))
+    layers.append(tf.keras.layers.Dense(out_dim))
+    return tf.keras.Sequential(layers, name=name)
 
 
-class QueryTower(keras.Model):
+class QueryTower(tf.keras.Model):
     """User → embedding, from the user id, the user's listening history, or both.
 
     The history is a right-padded matrix of track indices (0 = padding) pooled with a masked mean
@@ -41,13 +39,13 @@ class QueryTower(keras.Model):
         self,
         cfg: ModelConfig,
         n_users: int,
-        track_embedding: keras.layers.Embedding,
+        track_embedding: tf.keras.layers.Embedding,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.user_embedding = (
-            keras.layers.Embedding(n_users + 1, cfg.embedding_dim, name="user_embedding")
+            tf.keras.layers.Embedding(n_users + 1, cfg.embedding_dim, name="user_embedding")
             if cfg.use_user_id
             else None
         )
@@ -55,7 +53,9 @@ class QueryTower(keras.Model):
         n_inputs = int(cfg.use_user_id) + int(cfg.use_history)
         needs_mlp = bool(cfg.query_layers) or n_inputs > 1
         self.mlp = (
-            _mlp(cfg.query_layers, cfg.embedding_dim, cfg.dropout, "query_mlp") if needs_mlp else None
+            _mlp(cfg.query_layers, cfg.embedding_dim, cfg.dropout, "query_mlp")
+            if needs_mlp
+            else None
         )
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
@@ -75,7 +75,7 @@ class QueryTower(keras.Model):
         return tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
 
 
-class CandidateTower(keras.Model):
+class CandidateTower(tf.keras.Model):
     """Track index → embedding: the track id, plus its artist when the tracks file names one.
 
     The artist table maps track index → artist index inside the tower so that callers (training,
@@ -85,7 +85,7 @@ class CandidateTower(keras.Model):
     def __init__(
         self,
         cfg: ModelConfig,
-        track_embedding: keras.layers.Embedding,
+        track_embedding: tf.keras.layers.Embedding,
         track_artist: np.ndarray | None,
         **kwargs: Any,
     ) -> None:
@@ -97,7 +97,7 @@ class CandidateTower(keras.Model):
         if track_artist is not None:
             self.track_artist = tf.constant(track_artist, dtype=tf.int32)
             n_artists = int(track_artist.max()) + 1
-            self.artist_embedding = keras.layers.Embedding(
+            self.artist_embedding = tf.keras.layers.Embedding(
                 n_artists, cfg.embedding_dim, name="artist_embedding"
             )
         needs_mlp = bool(cfg.candidate_layers) or self.artist_embedding is not None
@@ -135,7 +135,7 @@ class TwoTowerModel(tfrs.Model):
         super().__init__()
         self.cfg = cfg
         self.n_tracks = n_tracks
-        self.track_embedding = keras.layers.Embedding(
+        self.track_embedding = tf.keras.layers.Embedding(
             n_tracks + 1, cfg.embedding_dim, name="track_embedding"
         )
         self.query_tower = QueryTower(cfg, n_users, self.track_embedding, name="query_tower")
@@ -165,7 +165,9 @@ class TwoTowerModel(tfrs.Model):
             candidates = tf.concat([candidates, self.candidate_tower(extra, training=training)], 0)
             ids = tf.concat([track, extra], 0)
             if log_q is not None:
-                uniform_q = tf.fill([self.cfg.uniform_negatives], -tf.math.log(float(self.n_tracks)))
+                uniform_q = tf.fill(
+                    [self.cfg.uniform_negatives], -tf.math.log(float(self.n_tracks))
+                )
                 log_q = tf.concat([log_q, uniform_q], 0)
         return self._retrieval_loss(query, candidates, features["weight"], log_q, ids)
 
@@ -197,7 +199,9 @@ class TwoTowerModel(tfrs.Model):
         batch = tf.shape(query)[0]
         labels = tf.one_hot(tf.range(batch), tf.shape(candidates)[0])
         if self.cfg.remove_accidental_hits:
-            same = tf.cast(tf.equal(tf.expand_dims(ids[:batch], 1), tf.expand_dims(ids, 0)), scores.dtype)
+            same = tf.cast(
+                tf.equal(tf.expand_dims(ids[:batch], 1), tf.expand_dims(ids, 0)), scores.dtype
+            )
             scores = scores + (same - labels) * -1e9
         loss = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=scores)
         return tf.reduce_sum(loss * weight)

@@ -54,7 +54,7 @@ def auto_batch_size(n_examples: int) -> int:
     epoch to learn; the rule scales with the data instead of being tuned to one dataset.
     """
     target = max(n_examples / 300.0, 1.0)
-    size = 2 ** int(round(np.log2(target)))
+    size = 2 ** round(float(np.log2(target)))
     return int(min(max(size, 256), 8192))
 
 
@@ -79,7 +79,9 @@ def _training_history(
     lengths = hist.row_lengths()
     target = tf.repeat(track, lengths)
     # Keep each item with probability max_len / length: an unbiased subsample of long histories.
-    keep_p = tf.repeat(tf.minimum(1.0, max_len / tf.maximum(tf.cast(lengths, tf.float32), 1.0)), lengths)
+    keep_p = tf.repeat(
+        tf.minimum(1.0, max_len / tf.maximum(tf.cast(lengths, tf.float32), 1.0)), lengths
+    )
     rand = tf.random.uniform(tf.shape(hist.flat_values))
     keep = tf.logical_and(tf.not_equal(hist.flat_values, target), rand < keep_p)
     kept = tf.ragged.boolean_mask(hist, hist.with_flat_values(keep))

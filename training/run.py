@@ -85,7 +85,8 @@ def train_and_register(
 
     data = prepare(cfg.data, cfg.split, final=final)
     log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
-    baseline_id, baseline_metrics = (None, {})
+    baseline_id: str | None = None
+    baseline_metrics: dict[str, float] = {}
     if baseline and not final:
         baseline_id, baseline_metrics = run_popularity(cfg, data)
         log.info("popularity: test recall_at_20 %.4f", baseline_metrics.get("recall_at_20", 0.0))

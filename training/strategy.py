@@ -1,4 +1,4 @@
-"""Device placement through ``tf.distribute``, the standard way, so GPU jobs need no code changes."""
+"""Device placement through ``tf.distribute``, so GPU jobs need no code changes."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
 
 
 def configure_precision(mixed: bool) -> str:
-    """Mixed float16 only pays off on GPUs with tensor cores; on CPU it is slower, so it is skipped."""
+    """Mixed float16 pays off only on GPUs with tensor cores; on CPU it is slower: skipped."""
     policy = "float32"
     if mixed:
         if tf.config.list_physical_devices("GPU"):

@@ -91,7 +91,7 @@ class _EpochCallback(tf.keras.callbacks.Callback):
         metric = self.cfg.train.early_stopping.metric
         if len(self.val_users):
             val = evaluate.evaluate_model(
-                self.model,  # type: ignore[arg-type]
+                self.model,
                 self.table,
                 self.data.train,
                 self.data.val,
@@ -102,7 +102,9 @@ class _EpochCallback(tf.keras.callbacks.Callback):
             row.update({f"val_{k}": v for k, v in val.items()})
         self.history.append(row)
         shown = " ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and k.endswith(("_20", "_10"))
+            f"{k} {v:.4f}"
+            for k, v in row.items()
+            if k.startswith("val_") and k.endswith(("_20", "_10"))
         )
         log.info(
             "epoch %d/%d loss %.4f %s %.0f ex/s",

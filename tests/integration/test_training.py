@@ -51,6 +51,8 @@ def _cfg(data: Path, *extra: str):
 def store(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"
+    cwd = Path.cwd()
+    os.chdir(root)  # a sqlite store puts run artifacts under ./mlruns: keep them out of the repo
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
@@ -60,6 +62,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = old
     mlflow.set_tracking_uri(None)
+    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +122,10 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
             enc.track_ids,
             enc.train,
             None,
-            {"model_name": "tracktower", "dataset": {"fingerprint": data.fingerprint, **data.stats}},
+            {
+                "model_name": "tracktower",
+                "dataset": {"fingerprint": data.fingerprint, **data.stats},
+            },
         ),
         tmp_path / "artifact",
         top_k=20,

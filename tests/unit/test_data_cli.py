@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import typer
 from pydantic import BaseModel, ValidationError
+from typer.testing import CliRunner
+
 from tracktower.features.cli import app, guarded, run_guarded
 from tracktower.features.errors import DataError
-from typer.testing import CliRunner
 
 runner = CliRunner()
 

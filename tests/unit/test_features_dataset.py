@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+
 from tracktower.features import dataset
 from tracktower.features.errors import DataError
 from tracktower.features.split import Split

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+
 from tracktower.features import io
 from tracktower.features.dataset import fingerprint
 from tracktower.features.errors import DataError

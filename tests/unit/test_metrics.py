@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import scipy.sparse as sp
+
 from tracktower.training.metrics import coverage, ranking_metrics
 
 

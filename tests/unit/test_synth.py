@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+
 from tracktower.features import dataset, io, ranking, split, synth
 from tracktower.training.metrics import ranking_metrics
 

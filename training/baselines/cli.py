@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from tracktower.features.errors import DataError
+from tracktower.training.baselines.ease import DEFAULT_MAX_ITEMS
 
 # Same default as ``tracktower train``; used only when it exists so the command works anywhere.
 DEFAULT_CONFIG = Path("configs/default.yaml")
@@ -56,6 +58,9 @@ def baseline_command(
     ] = True,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI.")] = None,
     threads: Annotated[int, typer.Option(help="iALS threads (0 = all cores).")] = 0,
+    max_items: Annotated[
+        int, typer.Option(help="EASE refuses more tracks than this (needs n^2 x 4 bytes).")
+    ] = DEFAULT_MAX_ITEMS,
 ) -> None:
     """Fit a baseline (each grid point is an MLflow run) and print its test metrics."""
     try:
@@ -73,6 +78,7 @@ def baseline_command(
             grid,
             tracking_uri,
             threads,
+            max_items,
         )
     except DataError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -96,9 +102,11 @@ def _run(
     grid: bool,
     tracking_uri: str | None,
     threads: int,
+    max_items: int,
 ) -> None:
     from tracktower.training.baselines.runner import (
         DEFAULTS,
+        GRIDS,
         GridResult,
         run_baseline,
         run_name_for,
@@ -129,7 +137,9 @@ def _run(
         f"{data.source}: {stats['rows']:,} interactions, {stats['users']:,} users, "
         f"{stats['tracks']:,} tracks (fingerprint {data.fingerprint[:12]})"
     )
-    points = None if grid else [DEFAULTS[name]]
+    points = list(GRIDS[name]) if grid else [DEFAULTS[name]]
+    if name == "ease":
+        points = [{**p, "max_items": max_items} for p in points]
 
     def report(result: GridResult) -> None:
         m = result.metrics

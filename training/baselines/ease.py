@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.linalg import get_lapack_funcs
 from scipy.sparse import csr_matrix
+
 from tracktower.features.errors import DataError
 
 DEFAULT_MAX_ITEMS = 30_000

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.sparse import csr_matrix
+
 from tracktower.features.errors import DataError
 
 Scaling = Literal["linear", "log"]

@@ -11,6 +11,7 @@ import itertools
 import resource
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.sparse import csr_matrix
+
 from tracktower.features.errors import DataError
 from tracktower.training.baselines import Recommender, make_recommender
 from tracktower.training.baselines.cli import app, baseline_command
@@ -48,7 +50,7 @@ _SCORE_BUDGET = 32 * 1024 * 1024
 # scaled by the number of interactions) and alpha sets the confidence of observed pairs.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "popular": {},
-    "ease": {"l2": 500.0},
+    "ease": {"l2": 100.0},
     "ials": {"factors": 128, "regularization": 1.0, "alpha": 10.0, "iterations": 15},
 }
 
@@ -62,7 +64,7 @@ def _ials_grid(factors: Sequence[int], regs: Sequence[float], alphas: Sequence[f
 
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "popular": [{}],
-    "ease": [{"l2": v} for v in (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)],
+    "ease": [{"l2": v} for v in (25.0, 50.0, 100.0, 200.0, 500.0, 1000.0)],
     "ials": _ials_grid((64, 128, 256), (0.1, 1.0, 10.0), (1.0, 10.0, 40.0)),
 }
 QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
@@ -204,12 +206,17 @@ def run_baseline(
             tags = {"system": name, "model": name, "sweep": sweep, "dataset": name_of_data}
             with tracking.experiment_run(experiment, title, tags=tags) as run:
                 tracking.log_params_flat({**model_params, **(params or {})})
-                tracking.log_dataset_input(
-                    data.interactions,
-                    fingerprint=data.fingerprint,
-                    name=name_of_data,
-                    source=data.source,
-                )
+                with warnings.catch_warnings():
+                    # MLflow's schema hint about integer columns (the timestamp) is noise here.
+                    warnings.filterwarnings(
+                        "ignore", message=".*integer column", category=UserWarning
+                    )
+                    tracking.log_dataset_input(
+                        data.interactions,
+                        fingerprint=data.fingerprint,
+                        name=name_of_data,
+                        source=data.source,
+                    )
                 result = _fit_and_evaluate(model, data, model_params, ks)
                 result.run_id = run.info.run_id
                 tracking.log_metrics(result.metrics, prefix="test_")

@@ -1,0 +1,564 @@
+#!/usr/bin/env python
+"""HTTP serving benchmark: the real server against its own ceiling and against naive TF serving.
+
+Usage (from the repository root):
+
+    python benchmarks/serving.py                          # trains a model in a temp MLflow store
+    python benchmarks/serving.py --reuse                  # models:/tracktower@champion if present
+    python benchmarks/serving.py --model models:/tracktower/3 --duration 10
+
+One run starts ``tracktower serve`` (one uvicorn worker) on a free loopback port and loads it from a
+separate process (wrk, else a multi-process asyncio client) at fixed concurrency in three phases:
+(a) ``GET /healthz``, the generator + framework ceiling; (b) ``GET /v1/users/{id}/recommendations``
+for random known users; (c) the same requests against ``benchmarks/naive_server.py``, which calls
+the SavedModel's ``serving_default`` signature per request. The table is printed and written as
+JSON; targets are checked, and a failing target triggers an in-process profile of the
+recommendation route (``--profile`` forces it). See benchmarks/README.md, "Serving benchmark".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "serving.json"
+REC_PATH = "/v1/users/{}/recommendations?k=10"
+CHAMPION = "models:/tracktower@champion"
+
+# Each wrk thread reads the path list once; done() prints one JSON line the driver parses, so no
+# per-response Lua callback slows the generator (wrk counts non-2xx/3xx itself).
+WRK_LUA = """
+local paths = {}
+for line in io.lines("%s") do paths[#paths + 1] = line end
+local n = #paths
+local threads = 0
+function setup(thread) threads = threads + 1; thread:set("tid", threads) end
+function init(args) math.randomseed(os.time() + 7919 * (tid or 0)) end
+function request() return wrk.format("GET", paths[math.random(n)]) end
+function done(s, lat, req)
+  io.write(string.format('WRKJSON {"requests": %%d, "duration_us": %%d, "non_2xx": %%d, '
+    .. '"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d, "p50_us": %%d, '
+    .. '"p90_us": %%d, "p99_us": %%d, "max_us": %%d}\\n', s.requests, s.duration, s.errors.status,
+    s.errors.connect, s.errors.read, s.errors.write, s.errors.timeout, lat:percentile(50),
+    lat:percentile(90), lat:percentile(99), lat.max))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run(cmd: Sequence[str], env: dict[str, str], cwd: Path, log: Path, timeout: float) -> None:
+    with log.open("ab") as out:
+        done = subprocess.run(
+            cmd,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{tail}")
+
+
+def tracktower_bin() -> str:
+    local = Path(sys.executable).with_name("tracktower")
+    return str(local) if local.exists() else (shutil.which("tracktower") or "tracktower")
+
+
+def has_champion() -> bool:
+    """True if the current tracking store has the champion alias (never creates ./mlflow.db)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlflow.db").exists():
+        return False
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().get_model_version_by_alias("tracktower", "champion")
+    except MlflowException:
+        return False
+    return True
+
+
+def obtain_model(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> str:
+    """The model URI to serve; trains the default model into a throwaway store if needed."""
+    if args.model:
+        return str(args.model)
+    if args.reuse and has_champion():
+        return CHAMPION
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    log, tt = tmp / "train.log", tracktower_bin()
+    print(f"training the default model in {tmp} (log: {log}) ...", flush=True)
+    start = time.monotonic()
+    run([tt, "data", "synth", "--out", str(tmp / "data")], env, tmp, log, 300)
+    summary = tmp / "summary.json"
+    train = [
+        tt,
+        "train",
+        "--config",
+        str(REPO / "configs" / "default.yaml"),
+        "--no-baseline",
+        "--interactions",
+        str(tmp / "data" / "interactions.parquet"),
+        "--tracks",
+        str(tmp / "data" / "tracks.parquet"),
+        "--summary",
+        str(summary),
+    ]
+    run(train, env, tmp, log, 1800)
+    print(f"trained in {time.monotonic() - start:.0f} s", flush=True)
+    return str(json.loads(summary.read_text())["model_uri"])
+
+
+class Server:
+    """A subprocess in its own session, so stopping it stops its whole process group."""
+
+    def __init__(self, name: str, cmd: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log, self.port = name, log, free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{self.name} not ready (exit {self.proc.poll()}):\n{tail}")
+
+    def get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(self.base + path, timeout=10) as resp:
+            result: dict[str, Any] = json.load(resp)
+            return result
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        proc = psutil.Process(self.proc.pid)
+        procs = [proc, *proc.children(recursive=True)]
+        return round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout=wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# ---- load generation ---------------------------------------------------------------------------
+
+
+def wrk_version() -> str | None:
+    if shutil.which("wrk") is None:
+        return None
+    out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
+
+
+def load_wrk(base: str, paths_file: Path, seconds: float, conns: int, threads: int) -> dict:
+    script = paths_file.with_suffix(".lua")
+    script.write_text(WRK_LUA % paths_file)
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{seconds:g}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(script),
+        base,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    if line is None:
+        raise SystemExit(f"wrk produced no result:\n{out.stdout}\n{out.stderr}")
+    raw = json.loads(line.removeprefix("WRKJSON "))
+    socket_errors = sum(raw[k] for k in ("connect", "read", "write", "timeout"))
+    return {
+        "requests": raw["requests"],
+        "rps": round(raw["requests"] / (raw["duration_us"] / 1e6), 1),
+        "p50_ms": raw["p50_us"] / 1000,
+        "p90_ms": raw["p90_us"] / 1000,
+        "p99_ms": raw["p99_us"] / 1000,
+        "max_ms": raw["max_us"] / 1000,
+        "errors": raw["non_2xx"],
+        "socket_errors": socket_errors,
+    }
+
+
+async def _client(port: int, paths: list[str], until: float, lat: list[float]) -> int:
+    """One keep-alive connection sending requests back to back; returns its non-2xx count."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bad, clock = 0, time.perf_counter
+    while clock() < until:
+        path = random.choice(paths)
+        start = clock()
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for h in head.split(b"\r\n"):
+            if h[:15].lower() == b"content-length:":
+                length = int(h[15:])
+        await reader.readexactly(length)
+        lat.append(clock() - start)
+        bad += not 200 <= status < 300
+    writer.close()
+    return bad
+
+
+def _python_worker(port: int, paths: list[str], seconds: float, conns: int) -> tuple[list, int]:
+    async def go() -> tuple[list, int]:
+        lat: list[float] = []
+        until = time.perf_counter() + seconds
+        bad = await asyncio.gather(*(_client(port, paths, until, lat) for _ in range(conns)))
+        return lat, sum(bad)
+
+    return asyncio.run(go())
+
+
+def load_python(base: str, paths_file: Path, seconds: float, conns: int, procs: int) -> dict:
+    port, paths = int(base.rsplit(":", 1)[1]), paths_file.read_text().split()
+    share = [conns // procs + (i < conns % procs) for i in range(procs)]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(pool.map(_python_worker, *zip(*[(port, paths, seconds, c) for c in share])))
+    wall = time.perf_counter() - start - 0.3  # rough allowance for process start-up
+    lat = np.array([x for part, _ in parts for x in part]) * 1000
+    p50, p90, p99 = np.percentile(lat, [50, 90, 99]).tolist()
+    return {
+        "requests": len(lat),
+        "rps": round(len(lat) / max(wall, seconds), 1),
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "max_ms": float(lat.max()),
+        "errors": sum(bad for _, bad in parts),
+        "socket_errors": 0,
+    }
+
+
+def drive(args: argparse.Namespace, base: str, paths_file: Path) -> dict:
+    """A discarded warm-up run, then the measured one, both at the same concurrency."""
+    conns, threads = args.concurrency, args.threads
+    fn = load_wrk if args.generator == "wrk" else load_python
+    fn(base, paths_file, args.warmup, conns, threads)
+    result = fn(base, paths_file, args.duration, conns, threads)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+# ---- profiling ----------------------------------------------------------------------------------
+
+
+def profile(artifact: Path, paths: list[str], user_ids: list[str], n: int = 3000) -> dict:
+    """Where a recommendation request spends its time, in-process (no HTTP, no generator).
+
+    The ASGI app is driven directly on one event loop in this thread, so cProfile sees the whole
+    path (middleware, routing, validation, scoring, serialisation); TestClient would run the app in
+    a portal thread the profiler cannot see.
+    """
+    import cProfile
+    import io
+    import pstats
+    from urllib.parse import unquote
+
+    from tracktower.serving.app import create_app
+    from tracktower.serving.artifact import Recommender
+    from tracktower.serving.settings import Settings
+
+    rec = Recommender.load(artifact, history_tower=False)
+    app = create_app(Settings(model_uri=str(artifact)), recommender=rec)
+
+    async def call(path: str) -> None:
+        route, _, query = path.partition("?")
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": unquote(route),
+            "raw_path": route.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(b"host", b"bench")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start" and message["status"] != 200:
+                raise RuntimeError(f"{path}: HTTP {message['status']}")
+
+        await app(scope, receive, send)
+
+    async def loop(requests: list[str]) -> float:
+        async with app.router.lifespan_context(app):
+            for p in requests[:200]:
+                await call(p)
+            start = time.perf_counter()
+            for p in requests:
+                await call(p)
+            return (time.perf_counter() - start) / len(requests) * 1e6
+
+    reqs = [random.choice(paths) for _ in range(n)]
+    users = [random.choice(user_ids) for _ in range(n)]
+    health_us = asyncio.run(loop(["/healthz"] * n))
+    route_us = asyncio.run(loop(reqs))
+    start = time.perf_counter()
+    for u in users:
+        rec.recommend(u, 10)
+    recommend_us = (time.perf_counter() - start) / n * 1e6
+    prof = cProfile.Profile()
+    prof.enable()
+    asyncio.run(loop(reqs))
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text).strip_dirs()
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumulative").print_stats(25)
+    return {
+        "calls": n,
+        "asgi_healthz_us": round(health_us, 1),
+        "asgi_recommendation_us": round(route_us, 1),
+        "recommender_recommend_us": round(recommend_us, 1),
+        "cprofile": text.getvalue(),
+    }
+
+
+# ---- driver -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="model URI or artifact dir (default: train one)")
+    p.add_argument("--reuse", action="store_true", help=f"use {CHAMPION} of the current store")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per measured phase")
+    p.add_argument("--warmup", type=float, default=2.0, help="discarded seconds before each phase")
+    p.add_argument("--concurrency", type=int, default=8, help="open connections")
+    p.add_argument("--threads", type=int, default=2, help="wrk threads / python client processes")
+    p.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--profile", action="store_true", help="profile even if every target passes")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (store, logs)")
+    args = p.parse_args(argv)
+    if not 1 <= args.threads <= args.concurrency:
+        p.error("--threads must be between 1 and --concurrency")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    version = wrk_version()
+    if args.generator == "auto":
+        args.generator = "wrk" if version else "python"
+    if args.generator == "wrk" and version is None:
+        raise SystemExit("wrk not found (apt-get install -y wrk), or use --generator python")
+    generator = version if args.generator == "wrk" else "python asyncio (multi-process)"
+    tmp = Path(tempfile.mkdtemp(prefix="tracktower-serving-bench-"))
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    servers: list[Server] = []
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    try:
+        uri = obtain_model(args, tmp, env)
+        from tracktower.serving.resolve import resolve_artifact
+
+        tracking = env.get("MLFLOW_TRACKING_URI")
+        artifact = resolve_artifact(uri, tracking_uri=tracking, dst_path=tmp / "artifact").path
+        with np.load(artifact / "arrays.npz", allow_pickle=False) as arrays:
+            user_ids = arrays["user_ids"].astype(str).tolist()
+        paths = [REC_PATH.format(quote(u, safe="")) for u in user_ids]
+        rec_file, health_file = tmp / "users.txt", tmp / "healthz.txt"
+        rec_file.write_text("\n".join(paths) + "\n")
+        health_file.write_text("/healthz\n")
+
+        serve = [
+            tracktower_bin(),
+            "serve",
+            "--model",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--workers",
+            "1",
+        ]
+        main_srv = Server("tracktower serve", serve, env, tmp / "server.log")
+        servers.append(main_srv)
+        main_srv.wait_ready(300)
+        sample = main_srv.get(paths[0])
+        print(
+            f"{main_srv.name} ready on {main_srv.base}; {len(user_ids)} users; "
+            f"sample source={sample['source']} items={len(sample['items'])}",
+            flush=True,
+        )
+        phases = {"a_healthz": drive(args, main_srv.base, health_file)}
+        phases["b_recommend"] = drive(args, main_srv.base, rec_file)
+        rss = main_srv.rss_mb()
+        main_srv.stop()
+
+        naive_cmd = [
+            sys.executable,
+            str(REPO / "benchmarks" / "naive_server.py"),
+            "--artifact",
+            str(artifact),
+            "--port",
+            "{port}",
+        ]
+        naive = Server("naive server", naive_cmd, env, tmp / "naive.log")
+        servers.append(naive)
+        naive.wait_ready(300)
+        naive.get(paths[0])
+        phases["c_naive"] = drive(args, naive.base, rec_file)
+        naive_rss = naive.rss_mb()
+        naive.stop()
+
+        a, b, c = (phases[k] for k in ("a_healthz", "b_recommend", "c_naive"))
+        ratios = {
+            "b_over_a": round(b["rps"] / a["rps"], 3),
+            "b_over_c": round(b["rps"] / c["rps"], 2),
+        }
+        targets = [
+            {
+                "target": "(b) req/s >= 0.5 x (a)",
+                "value": ratios["b_over_a"],
+                "pass": ratios["b_over_a"] >= 0.5,
+            },
+            {"target": "p99(b) <= 10 ms", "value": b["p99_ms"], "pass": b["p99_ms"] <= 10.0},
+            {
+                "target": "(b) req/s >= 5 x (c)",
+                "value": ratios["b_over_c"],
+                "pass": ratios["b_over_c"] >= 5.0,
+            },
+        ]
+        result: dict[str, Any] = {
+            "timestamp": started,
+            "model_uri": uri,
+            "artifact": {"users": len(user_ids), "path_kind": "downloaded to a temp dir"},
+            "machine": {
+                "cores": os.cpu_count(),
+                "loadavg_before": [round(x, 2) for x in load_before],
+            },
+            "load_generator": {
+                "name": generator,
+                "threads": args.threads,
+                "connections": args.concurrency,
+                "duration_s": args.duration,
+                "warmup_s": args.warmup,
+            },
+            "ceiling_reference": "a_healthz req/s: generator + HTTP/framework ceiling, no model work",
+            "server": {
+                "command": "tracktower serve --workers 1",
+                "rss_mb_after_load": rss,
+                "naive_rss_mb_after_load": naive_rss,
+            },
+            "phases": phases,
+            "ratios": ratios,
+            "targets": targets,
+        }
+        with np.load(artifact / "arrays.npz", allow_pickle=False) as arrays:
+            result["artifact"]["tracks"] = len(arrays["track_ids"])
+        print_table(result)
+        if args.profile or not all(t["pass"] for t in targets):
+            print("\nprofiling the recommendation path in-process ...", flush=True)
+            result["profile"] = profile(artifact, paths, user_ids)
+            print(result["profile"]["cprofile"])
+            shown = {k: v for k, v in result["profile"].items() if k != "cprofile"}
+            print(json.dumps(shown, indent=2))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+        return 0 if all(t["pass"] for t in targets) else 1
+    finally:
+        for srv in servers:
+            srv.stop()
+        if args.keep_tmp:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    gen = result["load_generator"]
+    print(
+        f"\nload generator: {gen['name']}, {gen['threads']} threads, {gen['connections']} "
+        f"connections, {gen['duration_s']:g} s per phase after {gen['warmup_s']:g} s warm-up; "
+        f"{result['machine']['cores']} cores"
+    )
+    print(f"{'phase':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'sock err':>9}")
+    labels = {
+        "a_healthz": "(a) /healthz [ceiling ref]",
+        "b_recommend": "(b) recommendations",
+        "c_naive": "(c) naive TF per request",
+    }
+    for key, label in labels.items():
+        r = result["phases"][key]
+        print(
+            f"{label:<28}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['errors']:>9}{r['socket_errors']:>9}"
+        )
+    ratios, srv = result["ratios"], result["server"]
+    print(
+        f"b/a = {ratios['b_over_a']:.2f}   b/c = {ratios['b_over_c']:.1f}   "
+        f"server RSS after load = {srv['rss_mb_after_load']} MB "
+        f"(naive {srv['naive_rss_mb_after_load']} MB)"
+    )
+    for t in result["targets"]:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}  (got {t['value']})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
