@@ -184,7 +184,7 @@ def two_tower_systems(ctx: BenchContext) -> list[System]:
 
 
 def _fmt_params(result: SystemResult) -> str:
-    """Baselines reuse their MLflow run name ("λ=100", "f=64 reg=1 alpha=10"); others list params."""
+    """Baselines reuse their MLflow run name ("λ=100", "f=64 reg=1 alpha=10")."""
     from tracktower.training.baselines import BASELINES
     from tracktower.training.baselines.runner import run_name_for
 

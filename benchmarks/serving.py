@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -177,6 +178,13 @@ class Server:
         procs = [proc, *proc.children(recursive=True)]
         return round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
 
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        proc = psutil.Process(self.proc.pid)
+        times = [p.cpu_times() for p in (proc, *proc.children(recursive=True))]
+        return sum(t.user + t.system for t in times)
+
     def stop(self) -> None:
         if self.proc.poll() is not None:
             return
@@ -255,12 +263,15 @@ async def _client(port: int, paths: list[str], until: float, lat: list[float]) -
     return bad
 
 
-def _python_worker(port: int, paths: list[str], seconds: float, conns: int) -> tuple[list, int]:
-    async def go() -> tuple[list, int]:
+def _python_worker(port: int, paths: list[str], seconds: float, conns: int) -> tuple:
+    """One client process: ``conns`` connections on one event loop; (latencies, non-2xx, secs)."""
+
+    async def go() -> tuple[list[float], int, float]:
         lat: list[float] = []
-        until = time.perf_counter() + seconds
+        start = time.perf_counter()
+        until = start + seconds
         bad = await asyncio.gather(*(_client(port, paths, until, lat) for _ in range(conns)))
-        return lat, sum(bad)
+        return lat, sum(bad), time.perf_counter() - start
 
     return asyncio.run(go())
 
@@ -268,31 +279,45 @@ def _python_worker(port: int, paths: list[str], seconds: float, conns: int) -> t
 def load_python(base: str, paths_file: Path, seconds: float, conns: int, procs: int) -> dict:
     port, paths = int(base.rsplit(":", 1)[1]), paths_file.read_text().split()
     share = [conns // procs + (i < conns % procs) for i in range(procs)]
-    start = time.perf_counter()
     with ProcessPoolExecutor(procs) as pool:
-        parts = list(pool.map(_python_worker, *zip(*[(port, paths, seconds, c) for c in share])))
-    wall = time.perf_counter() - start - 0.3  # rough allowance for process start-up
-    lat = np.array([x for part, _ in parts for x in part]) * 1000
+        futures = [pool.submit(_python_worker, port, paths, seconds, c) for c in share]
+        parts = [f.result(timeout=seconds + 60) for f in futures]
+    lat = np.array([x for part in parts for x in part[0]]) * 1000
     p50, p90, p99 = np.percentile(lat, [50, 90, 99]).tolist()
     return {
         "requests": len(lat),
-        "rps": round(len(lat) / max(wall, seconds), 1),
+        "rps": round(sum(len(part[0]) / part[2] for part in parts), 1),
         "p50_ms": p50,
         "p90_ms": p90,
         "p99_ms": p99,
         "max_ms": float(lat.max()),
-        "errors": sum(bad for _, bad in parts),
+        "errors": sum(part[1] for part in parts),
         "socket_errors": 0,
     }
 
 
-def drive(args: argparse.Namespace, base: str, paths_file: Path) -> dict:
-    """A discarded warm-up run, then the measured one, both at the same concurrency."""
+def drive(args: argparse.Namespace, server: Server, paths_file: Path) -> dict:
+    """A discarded warm-up run, then the measured one, both at the same concurrency.
+
+    CPU time of the server and of the generator over the measured run is recorded too: on a shared
+    machine req/s alone cannot tell a slow server from a starved one, CPU per request can.
+    """
     conns, threads = args.concurrency, args.threads
     fn = load_wrk if args.generator == "wrk" else load_python
-    fn(base, paths_file, args.warmup, conns, threads)
-    result = fn(base, paths_file, args.duration, conns, threads)
+    fn(server.base, paths_file, args.warmup, conns, threads)
+    server_cpu, gen_cpu = server.cpu_seconds(), children_cpu_seconds()
+    result = fn(server.base, paths_file, args.duration, conns, threads)
+    server_cpu, gen_cpu = server.cpu_seconds() - server_cpu, children_cpu_seconds() - gen_cpu
+    result["server_cpu_cores"] = server_cpu / args.duration
+    result["server_cpu_us_per_request"] = server_cpu / max(result["requests"], 1) * 1e6
+    result["generator_cpu_cores"] = gen_cpu / args.duration
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of this process's finished children (wrk, the python client pool)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---- profiling ----------------------------------------------------------------------------------
@@ -445,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"sample source={sample['source']} items={len(sample['items'])}",
             flush=True,
         )
-        phases = {"a_healthz": drive(args, main_srv.base, health_file)}
-        phases["b_recommend"] = drive(args, main_srv.base, rec_file)
+        phases = {"a_healthz": drive(args, main_srv, health_file)}
+        phases["b_recommend"] = drive(args, main_srv, rec_file)
         rss = main_srv.rss_mb()
         main_srv.stop()
 
@@ -462,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers.append(naive)
         naive.wait_ready(300)
         naive.get(paths[0])
-        phases["c_naive"] = drive(args, naive.base, rec_file)
+        phases["c_naive"] = drive(args, naive, rec_file)
         naive_rss = naive.rss_mb()
         naive.stop()
 
@@ -487,10 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: dict[str, Any] = {
             "timestamp": started,
             "model_uri": uri,
-            "artifact": {"users": len(user_ids), "path_kind": "downloaded to a temp dir"},
+            "artifact": {"users": len(user_ids)},
             "machine": {
                 "cores": os.cpu_count(),
                 "loadavg_before": [round(x, 2) for x in load_before],
+                "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             },
             "load_generator": {
                 "name": generator,
@@ -499,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
             },
-            "ceiling_reference": "a_healthz req/s: generator + HTTP/framework ceiling, no model work",
+            "ceiling_reference": "a_healthz req/s: generator + HTTP + framework, no model work",
             "server": {
                 "command": "tracktower serve --workers 1",
                 "rss_mb_after_load": rss,
@@ -538,7 +564,10 @@ def print_table(result: dict[str, Any]) -> None:
         f"connections, {gen['duration_s']:g} s per phase after {gen['warmup_s']:g} s warm-up; "
         f"{result['machine']['cores']} cores"
     )
-    print(f"{'phase':<28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'sock err':>9}")
+    print(
+        f"{'phase':<28}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'non-2xx':>8}{'sockerr':>8}"
+        f"{'srv cores':>10}{'srv us/req':>11}{'gen cores':>10}"
+    )
     labels = {
         "a_healthz": "(a) /healthz [ceiling ref]",
         "b_recommend": "(b) recommendations",
@@ -547,8 +576,9 @@ def print_table(result: dict[str, Any]) -> None:
     for key, label in labels.items():
         r = result["phases"][key]
         print(
-            f"{label:<28}{r['rps']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['errors']:>9}{r['socket_errors']:>9}"
+            f"{label:<28}{r['rps']:>9.0f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['errors']:>8}"
+            f"{r['socket_errors']:>8}{r['server_cpu_cores']:>10.2f}"
+            f"{r['server_cpu_us_per_request']:>11.0f}{r['generator_cpu_cores']:>10.2f}"
         )
     ratios, srv = result["ratios"], result["server"]
     print(

@@ -193,6 +193,7 @@ def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
     assert len(out.results) == 2
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("baselines-test")
+    assert exp is not None
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["ease λ=10", "ease λ=100"]
     for run in runs:
@@ -207,6 +208,17 @@ def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
         assert run.info.status == "FINISHED"
     best = [r for r in runs if r.data.tags.get("sweep.best") == "true"]
     assert [r.info.run_id for r in best] == [out.best.run_id]
+
+    # A too-large EASE is refused before any run is started, not as a FAILED run.
+    with pytest.raises(DataError, match="max_items"):
+        run_baseline(
+            "ease",
+            data,
+            [{"l2": 10.0, "max_items": 5}],
+            experiment="baselines-test",
+            tracking_uri=uri,
+        )
+    assert len(client.search_runs([exp.experiment_id])) == 2
 
 
 def test_baseline_cli_exit_2_on_bad_input(tmp_path, monkeypatch) -> None:

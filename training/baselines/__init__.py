@@ -8,12 +8,15 @@ metric than the two-tower model it is compared against.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import numpy as np
-from scipy.sparse import csr_matrix
+if TYPE_CHECKING:
+    import numpy as np
+    from scipy.sparse import csr_matrix
 
 BASELINES = ("popular", "ease", "ials")
+# EASE refuses more tracks than this: its dense item-item matrix needs n^2 x 4 bytes (3.6 GB).
+DEFAULT_MAX_ITEMS = 30_000
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from tracktower.features.errors import DataError
-from tracktower.training.baselines.ease import DEFAULT_MAX_ITEMS
+from tracktower.training.baselines import DEFAULT_MAX_ITEMS
 
 # Same default as ``tracktower train``; used only when it exists so the command works anywhere.
 DEFAULT_CONFIG = Path("configs/default.yaml")

@@ -21,8 +21,7 @@ from scipy.linalg import get_lapack_funcs
 from scipy.sparse import csr_matrix
 
 from tracktower.features.errors import DataError
-
-DEFAULT_MAX_ITEMS = 30_000
+from tracktower.training.baselines import DEFAULT_MAX_ITEMS
 
 
 def gram_bytes(n_items: int) -> int:
@@ -63,18 +62,23 @@ class EASE:
     def memory_bytes(self) -> int:
         return 0 if self.weights is None else int(self.weights.nbytes)
 
-    def fit(self, train_csr: csr_matrix) -> EASE:
-        x = csr_matrix(train_csr, dtype=np.float32, copy=True)
-        x.eliminate_zeros()
-        if self.binarize:
-            x.data[:] = 1.0
-        n = x.shape[1]
+    def check(self, train_csr: csr_matrix) -> None:
+        """Fail fast (before any MLflow run starts) when the item-item matrix would not fit."""
+        n = train_csr.shape[1]
         if n > self.max_items:
             raise DataError(
                 f"EASE needs a dense {n:,} x {n:,} float32 matrix ({gram_bytes(n) / 1e9:.1f} GB), "
                 f"above max_items={self.max_items:,}; raise the cap if the memory is there, or "
                 "apply a stronger k-core to shrink the track vocabulary"
             )
+
+    def fit(self, train_csr: csr_matrix) -> EASE:
+        x = csr_matrix(train_csr, dtype=np.float32, copy=True)
+        x.eliminate_zeros()
+        if self.binarize:
+            x.data[:] = 1.0
+        self.check(x)
+        n = x.shape[1]
         gram = self._gram(x)
         gram.flat[:: n + 1] += self.l2
         p = self._inverse_spd(gram)

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from scipy.sparse import csr_matrix
-
 from tracktower.features.errors import DataError
 from tracktower.training.baselines import Recommender, make_recommender
 from tracktower.training.baselines.cli import app, baseline_command
 
 if TYPE_CHECKING:
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
     from tracktower.training.data import Prepared
 
 __all__ = [
@@ -75,6 +75,8 @@ QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
 
 
 def users_with_heldout(truth: csr_matrix, unknown: np.ndarray | None) -> np.ndarray:
+    import numpy as np
+
     held = np.diff(truth.indptr)
     if unknown is not None:
         held = held + np.asarray(unknown)
@@ -93,6 +95,8 @@ def evaluate_recommender(
     Scores are produced in row chunks so memory stays bounded by ``_SCORE_BUDGET`` regardless of
     the number of users; training tracks are excluded by ``ranking.top_k`` itself.
     """
+    import numpy as np
+
     from tracktower.features import ranking
     from tracktower.training.metrics import ranking_metrics
 
@@ -191,13 +195,14 @@ def run_baseline(
     if log_to_mlflow:
         tracking.configure(tracking_uri)
     sweep = uuid.uuid4().hex[:12]
+    for point in points:  # bad hyper-parameters or a too-large EASE fail before any run starts
+        check = getattr(_build(name, point, num_threads, seed), "check", None)
+        if check is not None:
+            check(data.encoded.train)
     results: list[GridResult] = []
     for point in points:
-        kwargs = dict(point)
-        if name == "ials":
-            kwargs.setdefault("num_threads", num_threads)
-            kwargs.setdefault("random_state", seed)
-        model = make_recommender(name, **kwargs)
+        # Built per point (not up front) so only one fitted model (EASE: n^2 floats) is alive.
+        model = _build(name, point, num_threads, seed)
         model_params = model.params()
         title = run_name_for(model_params)
         if not log_to_mlflow:
@@ -208,9 +213,7 @@ def run_baseline(
                 tracking.log_params_flat({**model_params, **(params or {})})
                 with warnings.catch_warnings():
                     # MLflow's schema hint about integer columns (the timestamp) is noise here.
-                    warnings.filterwarnings(
-                        "ignore", message=".*integer column", category=UserWarning
-                    )
+                    warnings.filterwarnings("ignore", message=".*integer column")
                     tracking.log_dataset_input(
                         data.interactions,
                         fingerprint=data.fingerprint,
@@ -232,6 +235,14 @@ def run_baseline(
 
         mlflow.MlflowClient().set_tag(out.best.run_id, "sweep.best", "true")
     return out
+
+
+def _build(name: str, point: Mapping[str, Any], num_threads: int, seed: int) -> Recommender:
+    kwargs = dict(point)
+    if name == "ials":
+        kwargs.setdefault("num_threads", num_threads)
+        kwargs.setdefault("random_state", seed)
+    return make_recommender(name, **kwargs)
 
 
 def _fit_and_evaluate(
