@@ -115,7 +115,11 @@ def obtain_model(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> st
         return str(args.model)
     if args.reuse and has_champion():
         return CHAMPION
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    # Also this process's: resolve_artifact downloads models:/ URIs through MLflow's process-wide
+    # registry URI, which its tracking_uri argument does not reach.
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"] = (
+        f"sqlite:///{tmp / 'mlflow.db'}"
+    )
     log, tt = tmp / "train.log", tracktower_bin()
     print(f"training the default model in {tmp} (log: {log}) ...", flush=True)
     start = time.monotonic()
@@ -323,14 +327,18 @@ def children_cpu_seconds() -> float:
 # ---- profiling ----------------------------------------------------------------------------------
 
 
-def profile(artifact: Path, paths: list[str], user_ids: list[str], n: int = 3000) -> dict:
+def profile(artifact: Path, paths: list[str], user_ids: list[str], n: int = 4000) -> dict:
     """Where a recommendation request spends its time, in-process (no HTTP, no generator).
 
     The ASGI app is driven directly on one event loop in this thread, so cProfile sees the whole
     path (middleware, routing, validation, scoring, serialisation); TestClient would run the app in
-    a portal thread the profiler cannot see.
+    a portal thread the profiler cannot see. The artifact is loaded as the server loads it (with
+    TensorFlow when it has a history tower), because the size of the heap sets the cost of a full
+    garbage collection, which shows up in the tail: GC pauses are recorded per generation, before
+    and after ``gc.freeze()``.
     """
     import cProfile
+    import gc
     import io
     import pstats
     from urllib.parse import unquote
@@ -339,7 +347,7 @@ def profile(artifact: Path, paths: list[str], user_ids: list[str], n: int = 3000
     from tracktower.serving.artifact import Recommender
     from tracktower.serving.settings import Settings
 
-    rec = Recommender.load(artifact, history_tower=False)
+    rec = Recommender.load(artifact)
     app = create_app(Settings(model_uri=str(artifact)), recommender=rec)
 
     async def call(path: str) -> None:
@@ -368,38 +376,70 @@ def profile(artifact: Path, paths: list[str], user_ids: list[str], n: int = 3000
 
         await app(scope, receive, send)
 
-    async def loop(requests: list[str]) -> float:
+    async def loop(requests: list[str]) -> list[float]:
         async with app.router.lifespan_context(app):
             for p in requests[:200]:
                 await call(p)
-            start = time.perf_counter()
+            lat = []
             for p in requests:
+                start = time.perf_counter()
                 await call(p)
-            return (time.perf_counter() - start) / len(requests) * 1e6
+                lat.append(time.perf_counter() - start)
+            return lat
+
+    pauses: list[tuple[int, float]] = []
+    began: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            began.append(time.perf_counter())
+        elif began:
+            pauses.append((info["generation"], time.perf_counter() - began.pop()))
+
+    def timed(requests: list[str]) -> dict:
+        pauses.clear()
+        gc.callbacks.append(on_gc)
+        try:
+            lat = np.array(asyncio.run(loop(requests))) * 1e6
+        finally:
+            gc.callbacks.remove(on_gc)
+        gen2 = [t * 1000 for g, t in pauses if g == 2]
+        return {
+            "mean_us": round(float(lat.mean()), 1),
+            "p50_us": round(float(np.percentile(lat, 50)), 1),
+            "p99_us": round(float(np.percentile(lat, 99)), 1),
+            "max_us": round(float(lat.max()), 1),
+            "gc_collections": len(pauses),
+            "gc_gen2_collections": len(gen2),
+            "gc_gen2_max_ms": round(max(gen2, default=0.0), 1),
+            "gc_total_ms": round(sum(t for _, t in pauses) * 1000, 1),
+        }
 
     reqs = [random.choice(paths) for _ in range(n)]
     users = [random.choice(user_ids) for _ in range(n)]
-    health_us = asyncio.run(loop(["/healthz"] * n))
-    route_us = asyncio.run(loop(reqs))
+    result: dict[str, Any] = {"calls": n, "tracked_objects": len(gc.get_objects())}
+    result["asgi_healthz"] = timed(["/healthz"] * n)
+    result["asgi_recommendation"] = timed(reqs)
+    start = time.perf_counter()
+    gc.collect()
+    result["full_gc_ms"] = round((time.perf_counter() - start) * 1000, 1)
     start = time.perf_counter()
     for u in users:
         rec.recommend(u, 10)
-    recommend_us = (time.perf_counter() - start) / n * 1e6
+    result["recommender_recommend_us"] = round((time.perf_counter() - start) / n * 1e6, 1)
     prof = cProfile.Profile()
     prof.enable()
     asyncio.run(loop(reqs))
     prof.disable()
+    gc.freeze()
+    result["asgi_recommendation_after_gc_freeze"] = timed(reqs)
+    gc.unfreeze()
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text).strip_dirs()
     stats.sort_stats("tottime").print_stats(15)
     stats.sort_stats("cumulative").print_stats(25)
-    return {
-        "calls": n,
-        "asgi_healthz_us": round(health_us, 1),
-        "asgi_recommendation_us": round(route_us, 1),
-        "recommender_recommend_us": round(recommend_us, 1),
-        "cprofile": text.getvalue(),
-    }
+    result["cprofile"] = text.getvalue()
+    return result
 
 
 # ---- driver -------------------------------------------------------------------------------------
@@ -432,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("wrk not found (apt-get install -y wrk), or use --generator python")
     generator = version if args.generator == "wrk" else "python asyncio (multi-process)"
     tmp = Path(tempfile.mkdtemp(prefix="tracktower-serving-bench-"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     servers: list[Server] = []
     started = datetime.now(UTC).isoformat(timespec="seconds")

@@ -158,7 +158,7 @@ def fit(
     table = pipeline.history_table(data.train)
     ds = pipeline.training_dataset(
         examples,
-        table,
+        pipeline.history_matrix(data.train, 4 * cfg.model.history_max_len, cfg.train.seed),
         batch_size=batch_size,
         history_max_len=cfg.model.history_max_len,
         user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,

@@ -33,6 +33,15 @@ def test_examples_weighting_and_log_q():
     assert none.user.min() == 1 and none.track.min() == 1  # 0 is reserved for OOV
 
 
+def test_history_matrix_caps_heavy_users_with_a_random_subset():
+    x = sp.csr_matrix(np.array([[1, 1, 1, 1, 1, 1], [0, 1, 0, 0, 0, 0]], dtype=np.float32))
+    table = pipeline.history_matrix(x, 4, 0)
+    assert table.shape == (3, 4)
+    assert (table[0] == 0).all()
+    assert len(set(table[1])) == 4 and set(table[1]) <= {1, 2, 3, 4, 5, 6}
+    assert list(table[2]) == [2, 0, 0, 0]
+
+
 def test_auto_batch_size_scales_with_data():
     assert pipeline.auto_batch_size(1_000) == 256
     assert pipeline.auto_batch_size(400_000) == 1024
@@ -44,14 +53,25 @@ def test_training_history_never_contains_the_target_and_is_bounded():
     ex = pipeline.make_examples(x, "none")
     table = pipeline.history_table(x)
     ds = pipeline.training_dataset(
-        ex, table, batch_size=64, history_max_len=5, user_id_dropout=0.5, seed=0
+        ex,
+        pipeline.history_matrix(x, 40, 0),
+        batch_size=64,
+        history_max_len=5,
+        user_id_dropout=0.5,
+        seed=0,
     )
     for batch in ds.take(5):
         hist = batch["history"].numpy()
         assert hist.shape[1] == 5
         assert not np.any(hist == batch["track"].numpy()[:, None])
         assert (batch["user"].numpy() == 0).any()  # some user ids hidden
-        # every history item belongs to the example's user (row u+1 of the table)
+        for user, track, row in zip(
+            batch["user"].numpy(), batch["track"].numpy(), hist, strict=True
+        ):
+            if user:  # every history item belongs to the example's user, target excluded
+                mine = set(x[user - 1].indices + 1) - {track}
+                assert set(row[row > 0]) <= mine
+                assert len(row[row > 0]) == min(5, len(mine))
     full = pipeline.gather_history(table, tf.constant([1, 0]))
     assert set(full.numpy()[0][full.numpy()[0] > 0] - 1) == set(x[0].indices)
     assert (full.numpy()[1] == 0).all()  # unknown user: empty history
@@ -65,7 +85,7 @@ def test_model_learns_clusters_better_than_chance():
     table = pipeline.history_table(x)
     ds = pipeline.training_dataset(
         pipeline.make_examples(x, "none"),
-        table,
+        pipeline.history_matrix(x, 40, 0),
         batch_size=128,
         history_max_len=10,
         user_id_dropout=0.0,
@@ -88,7 +108,7 @@ def test_mixed_negatives_loss_runs_and_decreases():
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
     ds = pipeline.training_dataset(
         pipeline.make_examples(x, "log1p"),
-        pipeline.history_table(x),
+        pipeline.history_matrix(x, 40, 0),
         batch_size=128,
         history_max_len=10,
         user_id_dropout=0.0,
