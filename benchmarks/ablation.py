@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--tracks", type=Path)
     parser.add_argument("--variant", action="append", default=[])
     parser.add_argument("--experiment", default="tracktower-mpd-ablation")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ablation.json")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "ablation.json"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)

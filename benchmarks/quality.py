@@ -88,6 +88,7 @@ class BenchContext:
     tracking_uri: str | None
     seed: int
     quick: bool
+    skip_two_tower: bool = False
     threads: int
     ks: tuple[int, ...] = KS
     params: dict[str, Any] = field(default_factory=dict)  # data/split params logged on each run
@@ -180,7 +181,12 @@ def two_tower_systems(ctx: BenchContext) -> list[System]:
     ``ctx.data.encoded.train`` is the 80% training split; carve a validation slice out of it for
     early stopping, never touch ``ctx.data.encoded.test`` until the final scoring.
     """
-    return []
+    if ctx.skip_two_tower:
+        return []
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import two_tower
+
+    return list(two_tower.systems(ctx, System, SystemResult, cold=not ctx.quick))
 
 
 def _fmt_params(result: SystemResult) -> str:
@@ -229,6 +235,7 @@ def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
         tracking_uri=args.tracking_uri,
         seed=args.seed,
         quick=args.quick,
+        skip_two_tower=args.systems == "baselines",
         threads=args.threads,
         params={
             "data": data_cfg.model_dump(mode="json"),
@@ -268,6 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", default="mpd,msd", help="comma list of: mpd, msd")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="tiny grids (smoke run)")
+    p.add_argument("--systems", default="all", help="'all', or 'baselines' to skip the two-tower")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="iALS threads (0 = all cores)")
     p.add_argument("--experiment", default=EXPERIMENT)

@@ -527,7 +527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         naive = Server("naive server", naive_cmd, env, tmp / "naive.log")
         servers.append(naive)
         naive.wait_ready(300)
-        naive.get(paths[0])
+        # Same embeddings, same exclusion: a different top 10 would make the comparison unfair.
+        naive_ids = [item["track_id"] for item in naive.get(paths[0])["items"]]
+        same_top10 = naive_ids == [item["track_id"] for item in sample["items"]]
         phases["c_naive"] = drive(args, naive, rec_file)
         naive_rss = naive.rss_mb()
         naive.stop()
@@ -573,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "naive_rss_mb_after_load": naive_rss,
             },
             "phases": phases,
+            "naive_same_top10_as_server": same_top10,
             "ratios": ratios,
             "targets": targets,
         }
