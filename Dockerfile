@@ -1,11 +1,15 @@
-# Serving image: `tracktower serve` for the registered champion of an MLflow tracking store.
+# tracktower image: serves the registered champion of an MLflow store by default; the same image
+# trains into that store.
 #
 #   docker build -t tracktower .
-#   docker run -p 8000:8000 -v "$PWD/mlflow.db:/mlflow/mlflow.db" \
-#       -v "$PWD/mlruns:$PWD/mlruns" tracktower
+#   docker run --rm -v "$PWD/mlflow:/mlflow" -v "$PWD/data:/data:ro" tracktower \
+#       tracktower train --config /app/configs/default.yaml \
+#       --interactions /data/interactions.parquet --tracks /data/tracks.parquet
+#   docker run --rm -p 8000:8000 -v "$PWD/mlflow:/mlflow" tracktower
 #
-# The sqlite store records absolute artifact paths, so mount the artifact root at the same path it
-# has on the host (or point MLFLOW_TRACKING_URI at a tracking server instead).
+# The store (mlflow.db and, beside it, mlruns/ with the artifacts) lives in the /mlflow volume: the
+# working directory is /mlflow, where a sqlite store puts its artifact root, so the absolute
+# artifact paths it records are the same in every container that mounts the volume there.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -31,6 +35,7 @@ RUN pip install --no-cache-dir . \
 
 ENV MLFLOW_TRACKING_URI=sqlite:////mlflow/mlflow.db
 VOLUME /mlflow
+WORKDIR /mlflow
 USER tracktower
 EXPOSE 8000
 
