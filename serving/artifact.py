@@ -1,13 +1,19 @@
 """The exported artifact held in memory, and the request-time recommendation logic.
 
 Everything derivable from the artifact (contiguous float32 matrices, the seen-items CSR, id→index
-maps, metadata aligned to candidate index) is built once in :meth:`Recommender.load`, so a request
-for a known user is one matrix-vector product plus ``tracktower.features.ranking.top_k``, the
-routine offline evaluation uses too (so served rankings cannot drift from evaluated ones).
+maps, metadata aligned to candidate index) is built once in :meth:`Recommender.load`. With
+``precompute_k`` it also ranks every known user once, through the same vectorised batch path as
+offline evaluation (``ranking.score_chunks``), so a request for a known user is a slice of that
+table; request-time excludes filter the slice, and only when too few tracks would remain is the
+user scored on the fly (one matrix-vector product plus ``ranking.top_k``). Both paths use the one
+shared top-k routine and tie-break, so they rank identically; their scores can differ in the last
+float32 bit (matrix-matrix vs matrix-vector BLAS kernels sum in different orders).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,11 @@ from tracktower.serving.loader import (
     load_metadata,
 )
 
+log = logging.getLogger(__name__)
+
 Source = Literal["model", "popular", "session"]
+# Upper bound on users x precompute_k kept in memory (8 bytes per entry); see Settings.
+PRECOMPUTE_MAX_ENTRIES = 50_000_000
 
 
 class Item(NamedTuple):
@@ -86,10 +96,25 @@ class Recommender:
         self._track_index = {t: i for i, t in enumerate(self._track_list)}
         self._user_index = {v: i for i, v in enumerate(self.user_ids.tolist())}
         self._history_tower = history_tower
+        # Known users' top lists (seen excluded), rows aligned to user_ids; width 0 = none.
+        self._pre_indices = np.empty((0, 0), dtype=np.int32)
+        self._pre_scores = np.empty((0, 0), dtype=np.float32)
+        self._pre_width = 0
 
     @classmethod
-    def load(cls, path: str | Path, *, history_tower: bool = True) -> Recommender:
-        """Read an artifact directory; ``history_tower=False`` skips TensorFlow (batch, pyfunc)."""
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        history_tower: bool = True,
+        precompute_k: int = 0,
+        precompute_max_entries: int = PRECOMPUTE_MAX_ENTRIES,
+    ) -> Recommender:
+        """Read an artifact directory; ``history_tower=False`` skips TensorFlow (batch, pyfunc).
+
+        ``precompute_k > 0`` ranks every known user's top ``precompute_k`` now (the server passes
+        its ``max_k``), unless users x k exceeds ``precompute_max_entries``.
+        """
         path = Path(path)
         if not path.is_dir():
             raise DataError("artifact directory does not exist", path=path)
@@ -99,7 +124,47 @@ class Recommender:
         tower = None
         if history_tower and manifest.has_history_tower:
             tower = load_history_tower(path)
-        return cls(path, manifest, arrays, titles, artists, tower)
+        recommender = cls(path, manifest, arrays, titles, artists, tower)
+        if precompute_k > 0:
+            recommender._precompute(precompute_k, precompute_max_entries)
+        return recommender
+
+    def _precompute(self, k: int, max_entries: int) -> None:
+        k = min(k, self.n_tracks)
+        if self.n_users * k > max_entries:
+            log.info(
+                "%d users x top-%d > %d entries: scoring per request", self.n_users, k, max_entries
+            )
+            return
+        start = time.perf_counter()
+        indices = np.empty((self.n_users, k), dtype=np.int32)
+        scores = np.empty((self.n_users, k), dtype=np.float32)
+        self._fill_known(None, k, indices, scores)
+        self._pre_indices, self._pre_scores, self._pre_width = indices, scores, k
+        log.info(
+            "precomputed top-%d for %d users in %.2f s (%.1f MB)",
+            k,
+            self.n_users,
+            time.perf_counter() - start,
+            (indices.nbytes + scores.nbytes) / 2**20,
+        )
+
+    def _fill_known(
+        self, users: np.ndarray | None, k: int, indices: np.ndarray, scores: np.ndarray
+    ) -> None:
+        """Known users' top-k (seen excluded) into preallocated arrays; ``None`` = all users."""
+        queries = self.user_embeddings if users is None else self.user_embeddings[users]
+        blocks = ranking.score_chunks(queries, self.track_embeddings, k, self.seen, rows=users)
+        start = 0
+        for idx, top in blocks:
+            stop = start + len(idx)
+            indices[start:stop], scores[start:stop] = idx, top
+            start = stop
+
+    @property
+    def precomputed_k(self) -> int:
+        """Width of the precomputed known-user lists (0 when every request is scored)."""
+        return self._pre_width
 
     @property
     def n_tracks(self) -> int:
@@ -138,6 +203,10 @@ class Recommender:
         excluded = self.track_indices([*exclude_track_ids, *recent_track_ids])
         u = self._user_index.get(user_id)
         if u is not None:
+            if min(k, self.n_tracks) <= self._pre_width:
+                hit = self._precomputed(u, k, excluded)
+                if hit is not None:
+                    return hit
             seen = self.seen.indices[self.seen.indptr[u] : self.seen.indptr[u + 1]]
             return self._score(self.user_embeddings[u], k, excluded, "model", seen)
         recent = self.track_indices(recent_track_ids)
@@ -145,6 +214,24 @@ class Recommender:
             query = self._history_tower([self._track_list[i] for i in recent])
             return self._score(query, k, excluded, "session")
         return self._popular(k, excluded)
+
+    def _precomputed(self, u: int, k: int, excluded: list[int]) -> Recommendation | None:
+        """Top-k from user ``u``'s precomputed row, or None if excludes leave too few in it.
+
+        The row is that user's full ranking cut at ``precompute_k``, so dropping excluded tracks
+        keeps the order, and its first k survivors are the answer unless fewer than k survive and
+        the cut hid candidates (a row ending in -1 already holds every remaining candidate).
+        """
+        indices, scores = self._pre_indices[u], self._pre_scores[u]
+        if not excluded:
+            return Recommendation(self._items(indices[:k], scores[:k]), "model")
+        skip = set(excluded)
+        keep = [j for j, i in enumerate(indices.tolist()) if i not in skip]
+        complete = indices[-1] < 0 or self._pre_width == self.n_tracks
+        if len(keep) < k and not complete:
+            return None
+        keep = keep[:k]
+        return Recommendation(self._items(indices[keep], scores[keep]), "model")
 
     def _score(
         self,
@@ -184,7 +271,8 @@ class Recommender:
         ]
 
     def top_k_batch(self, user_ids: Sequence[str], k: int) -> TopK:
-        """Known users scored in memory-bounded matmul blocks, seen excluded; unknown → popular."""
+        """Known users scored in memory-bounded matmul blocks (or sliced from the precomputed
+        lists, the same computation done at load), seen excluded; unknown users → popular."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, self.n_tracks)
@@ -194,12 +282,16 @@ class Recommender:
         scores = np.empty((len(rows), k), dtype=np.float32)
         indices[~known] = self.popular[:k]
         scores[~known] = self.popular_scores[:k]
-        if known.any():
-            users = rows[known]
-            blocks = ranking.score_chunks(
-                self.user_embeddings[users], self.track_embeddings, k, self.seen, rows=users
+        users = rows[known]
+        if len(users) and k <= self._pre_width:
+            indices[known], scores[known] = (
+                self._pre_indices[users, :k],
+                self._pre_scores[users, :k],
             )
-            idx, top = (np.concatenate(parts) for parts in zip(*blocks, strict=True))
+        elif len(users):
+            idx = np.empty((len(users), k), dtype=np.int64)
+            top = np.empty((len(users), k), dtype=np.float32)
+            self._fill_known(users, k, idx, top)
             indices[known], scores[known] = idx, top
         sources = np.where(known, "model", "popular")
         return TopK(indices, scores, sources)

@@ -15,7 +15,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -68,9 +68,10 @@ def serve(
     pinned = f"models:/{resolved.name}/{resolved.version}" if uri.startswith("models:/") else uri
     os.environ["TRACKTOWER_MODEL_URI"] = pinned
     settings = _settings()
+    server = _server_options(settings)
     typer.echo(
         f"serving {_describe(resolved.name, resolved.version)} from {pinned} "
-        f"on http://{settings.host}:{settings.port}",
+        f"on http://{settings.host}:{settings.port} ({server['http']}, {server['loop']})",
         err=True,
     )
     uvicorn.run(
@@ -79,6 +80,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        **server,
     )
 
 
@@ -101,6 +103,18 @@ def recommend(
     resolved = resolve_artifact(model or base.model_uri, tracking_uri=base.tracking_uri)
     rows = recommend_to_parquet(resolved, users, k, output)
     typer.echo(f"wrote {rows} rows to {output} ({_describe(resolved.name, resolved.version)})")
+
+
+def _server_options(settings: Settings) -> dict[str, Any]:
+    """The C HTTP parser and event loop when installed (uvicorn's "auto" would pick them too;
+    naming them puts the choice in the startup line), and no per-request access log by default."""
+    from importlib.util import find_spec
+
+    return {
+        "http": "httptools" if find_spec("httptools") else "h11",
+        "loop": "uvloop" if find_spec("uvloop") else "asyncio",
+        "access_log": settings.access_log,
+    }
 
 
 def _settings() -> Settings:

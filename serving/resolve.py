@@ -67,7 +67,13 @@ def _resolve_registry(
     except MlflowException as exc:
         what = f"alias '{alias}'" if alias is not None else f"version {version}"
         raise DataError(f"model '{name}' has no {what} ({_reason(exc)})", path=uri) from exc
-    local = _download(f"models:/{name}/{version}", tracking_uri, dst_path)
+    # Not download_artifacts("models:/..."): MLflow resolves that through the process-wide
+    # registry URI and ignores tracking_uri, so it would read another store (or none).
+    try:
+        source = client.get_model_version_download_uri(name, version)
+    except MlflowException as exc:
+        raise DataError(f"cannot locate version {version} ({_reason(exc)})", path=uri) from exc
+    local = _download(source, tracking_uri, dst_path)
     resolved = _from_local(local, uri)
     return ResolvedModel(resolved.path, name, version, uri)
 

@@ -68,6 +68,11 @@ class ModelConfig(_Strict):
     remove_accidental_hits: bool = True
     # Uniformly sampled extra negatives per batch, on top of the in-batch ones (0 = in-batch only).
     uniform_negatives: int = Field(0, ge=0)
+    # "full" scores every batch against the whole catalogue (exact softmax, no sampling bias);
+    # "auto" picks it when the catalogue has at most full_softmax_max_tracks tracks, where one
+    # [batch x tracks] product per step is cheap, and in-batch sampled softmax above that.
+    negatives: Literal["auto", "in_batch", "full"] = "auto"
+    full_softmax_max_tracks: int = Field(50_000, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     @field_validator("query_layers", "candidate_layers")
@@ -86,7 +91,8 @@ class ModelConfig(_Strict):
 
 class EarlyStoppingConfig(_Strict):
     metric: str = "recall_at_20"
-    patience: int = Field(2, ge=0)
+    # Epochs without a new best validation score before training stops (best weights are kept).
+    patience: int = Field(2, ge=1)
 
 
 class TrainConfig(_Strict):

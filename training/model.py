@@ -145,6 +145,9 @@ class TwoTowerModel(tfrs.Model):
             track_artist if cfg.use_artist else None,
             name="candidate_tower",
         )
+        self.full_softmax = cfg.negatives == "full" or (
+            cfg.negatives == "auto" and n_tracks <= cfg.full_softmax_max_tracks
+        )
         self.task = tfrs.tasks.Retrieval(
             temperature=cfg.temperature if cfg.normalize else None,
             remove_accidental_hits=cfg.remove_accidental_hits,
@@ -153,6 +156,8 @@ class TwoTowerModel(tfrs.Model):
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         query = self.query_tower(features, training=training)
         track = features["track"]
+        if self.full_softmax:
+            return self._full_softmax_loss(query, track, features["weight"], training)
         candidates = self.candidate_tower(track, training=training)
         log_q = features["log_q"] if self.cfg.logq_correction else None
         ids = track
@@ -170,6 +175,18 @@ class TwoTowerModel(tfrs.Model):
                 )
                 log_q = tf.concat([log_q, uniform_q], 0)
         return self._retrieval_loss(query, candidates, features["weight"], log_q, ids)
+
+    def _full_softmax_loss(
+        self, query: tf.Tensor, track: tf.Tensor, weight: tf.Tensor, training: bool
+    ) -> tf.Tensor:
+        # Every track is a negative, so there is no sampling bias to correct (no logQ) and no
+        # accidental hit: the positive is one column of an exact softmax over the catalogue.
+        everything = self.candidate_tower(tf.range(1, self.n_tracks + 1), training=training)
+        scores = tf.matmul(query, everything, transpose_b=True)
+        if self.cfg.normalize:
+            scores = scores / self.cfg.temperature
+        loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=track - 1, logits=scores)
+        return tf.reduce_sum(loss * weight)
 
     def _retrieval_loss(
         self,

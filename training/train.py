@@ -127,7 +127,7 @@ class _EpochCallback(tf.keras.callbacks.Callback):
             self.best_weights = self.model.get_weights()
         else:
             self.wait += 1
-            if self.wait > self.cfg.train.early_stopping.patience:
+            if self.wait >= self.cfg.train.early_stopping.patience:
                 log.info("early stopping: val_%s has not improved for %d epochs", metric, self.wait)
                 self.model.stop_training = True
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from tracktower.serving.deps import LoadedModelDep, RecommenderDep
+from tracktower.serving.deps import ServingDep
 from tracktower.serving.schemas import DatasetSummary, ErrorResponse, ModelSummary
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
 
 @router.get("/model", response_model=ModelSummary, responses={503: {"model": ErrorResponse}})
-async def model_summary(recommender: RecommenderDep, loaded: LoadedModelDep) -> ModelSummary:
+async def model_summary(serving: ServingDep) -> ModelSummary:
+    recommender, loaded = serving.recommender, serving.model
     manifest = recommender.manifest
     return ModelSummary(
         name=loaded.name,

@@ -15,13 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 
 from tracktower.serving.artifact import Item, Recommendation
-from tracktower.serving.deps import (
-    LoadedModel,
-    LoadedModelDep,
-    MetricsDep,
-    RecommenderDep,
-    SettingsDep,
-)
+from tracktower.serving.deps import Serving, ServingDep
 from tracktower.serving.errors import ApiError
 from tracktower.serving.schemas import (
     BatchRequest,
@@ -71,10 +65,10 @@ def _items(items: list[Item]) -> list[dict[str, Any]]:
     return [{"track_id": t, "score": s, "title": ti, "artist": a} for t, s, ti, a in items]
 
 
-def _response(user_id: str, rec: Recommendation, loaded: LoadedModel) -> dict[str, Any]:
+def _response(user_id: str, rec: Recommendation, serving: Serving) -> dict[str, Any]:
     return {
         "user_id": user_id,
-        "model": {"name": loaded.name, "version": loaded.version},
+        "model": serving.model_ref,
         "source": rec.source,
         "items": _items(rec.items),
     }
@@ -83,58 +77,46 @@ def _response(user_id: str, rec: Recommendation, loaded: LoadedModel) -> dict[st
 @router.get("/users/{user_id}/recommendations", response_model=RecommendationResponse)
 async def user_recommendations(
     user_id: str,
-    recommender: RecommenderDep,
-    loaded: LoadedModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
+    serving: ServingDep,
     k: Annotated[int | None, Query(description="number of tracks (1..max_k)")] = None,
 ) -> dict[str, Any]:
     """Top-k for a user; users unknown to the model get the most popular tracks."""
+    settings = serving.settings
     _check_id(user_id, "user_id", settings)
-    rec = recommender.recommend(user_id, _k(k, settings))
-    metrics.count_source(rec.source)
-    return _response(user_id, rec, loaded)
+    rec = serving.recommender.recommend(user_id, _k(k, settings))
+    serving.metrics.count_source(rec.source)
+    return _response(user_id, rec, serving)
 
 
 @router.post("/recommendations", response_model=RecommendationResponse)
-async def recommend(
-    body: RecommendRequest,
-    recommender: RecommenderDep,
-    loaded: LoadedModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-) -> dict[str, Any]:
+async def recommend(body: RecommendRequest, serving: ServingDep) -> dict[str, Any]:
     """Top-k with request-time excludes; ``recent_track_ids`` personalise unknown users."""
+    settings = serving.settings
     _check_id(body.user_id, "user_id", settings)
     _check_ids(body.exclude_track_ids, "exclude_track_ids", settings.max_track_ids, settings)
     _check_ids(body.recent_track_ids, "recent_track_ids", settings.max_track_ids, settings)
-    rec = recommender.recommend(
+    rec = serving.recommender.recommend(
         body.user_id,
         _k(body.k, settings),
         exclude_track_ids=body.exclude_track_ids,
         recent_track_ids=body.recent_track_ids,
     )
-    metrics.count_source(rec.source)
-    return _response(body.user_id, rec, loaded)
+    serving.metrics.count_source(rec.source)
+    return _response(body.user_id, rec, serving)
 
 
 @router.post("/recommendations:batch", response_model=BatchResponse)
-def recommend_batch(
-    body: BatchRequest,
-    recommender: RecommenderDep,
-    loaded: LoadedModelDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-) -> dict[str, Any]:
+def recommend_batch(body: BatchRequest, serving: ServingDep) -> dict[str, Any]:
     """Many users in one vectorised scoring pass."""
+    settings = serving.settings
     if not body.user_ids:
         raise ApiError(422, "invalid_request", "user_ids must not be empty", "user_ids")
     _check_ids(body.user_ids, "user_ids", settings.max_batch_users, settings)
-    recs = recommender.recommend_batch(body.user_ids, _k(body.k, settings))
+    recs = serving.recommender.recommend_batch(body.user_ids, _k(body.k, settings))
     for source, n in Counter(rec.source for rec in recs).items():
-        metrics.count_source(source, n)
+        serving.metrics.count_source(source, n)
     results = [
         {"user_id": user_id, "source": rec.source, "items": _items(rec.items)}
         for user_id, rec in zip(body.user_ids, recs, strict=True)
     ]
-    return {"model": {"name": loaded.name, "version": loaded.version}, "results": results}
+    return {"model": serving.model_ref, "results": results}

@@ -103,7 +103,13 @@ def test_model_learns_clusters_better_than_chance():
 
 def test_mixed_negatives_loss_runs_and_decreases():
     x = _clustered()
-    cfg = ModelConfig(embedding_dim=8, query_layers=[], use_user_id=False, uniform_negatives=32)
+    cfg = ModelConfig(
+        embedding_dim=8,
+        query_layers=[],
+        use_user_id=False,
+        uniform_negatives=32,
+        negatives="in_batch",
+    )
     model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
     ds = pipeline.training_dataset(
@@ -115,4 +121,26 @@ def test_mixed_negatives_loss_runs_and_decreases():
         seed=0,
     )
     losses = model.fit(ds, epochs=3, verbose=0).history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_full_softmax_is_chosen_by_catalogue_size_and_learns():
+    x = _clustered()
+    small = TwoTowerModel(ModelConfig(embedding_dim=8), x.shape[0], x.shape[1])
+    assert small.full_softmax
+    capped = ModelConfig(embedding_dim=8, full_softmax_max_tracks=100)
+    assert not TwoTowerModel(capped, x.shape[0], x.shape[1]).full_softmax
+    assert not TwoTowerModel(
+        ModelConfig(embedding_dim=8, negatives="in_batch"), x.shape[0], x.shape[1]
+    ).full_softmax
+    small.compile(optimizer=tf.keras.optimizers.Adam(0.02))
+    ds = pipeline.training_dataset(
+        pipeline.make_examples(x, "none"),
+        pipeline.history_matrix(x, 40, 0),
+        batch_size=128,
+        history_max_len=10,
+        user_id_dropout=0.0,
+        seed=0,
+    )
+    losses = small.fit(ds, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -65,6 +65,9 @@ def test_serve_passes_options_through_env(artifact: Path, env: pytest.MonkeyPatc
     assert (call["host"], call["port"], call["workers"]) == ("127.0.0.1", 8123, 2)
     assert call["env"]["TRACKTOWER_MODEL_URI"] == str(artifact)
     assert call["env"]["TRACKTOWER_PORT"] == "8123"
+    assert call["access_log"] is False
+    assert (call["http"], call["loop"]) == ("httptools", "uvloop")  # pinned in pyproject
+    assert "(httptools, uvloop)" in result.stderr
 
 
 def test_serve_reports_missing_model(tmp_path: Path, env: pytest.MonkeyPatch) -> None:

@@ -133,3 +133,32 @@ def test_registry_round_trip(registry: str, tmp_path: Path) -> None:
     assert list(out.columns) == OUTPUT_COLUMNS
     assert out["rank"].tolist() == [1, 2, 3, 4] * 2
     assert out["source"].tolist() == ["model"] * 4 + ["popular"] * 4
+
+
+@pytest.mark.slow
+def test_registry_download_uses_the_explicit_tracking_uri(
+    registry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the explicit store has the model; the process-wide one (env and mlflow) does not."""
+    import mlflow
+
+    tracking_uri, run_id = registry.split("|")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(other)
+    try:
+        with pytest.raises(DataError, match="registered model 'tracktower' not found"):
+            resolve_artifact("models:/tracktower/1")
+        resolved = [
+            resolve_artifact(uri, tracking_uri=tracking_uri, dst_path=tmp_path / f"dl{i}")
+            for i, uri in enumerate(
+                ["models:/tracktower@champion", "models:/tracktower/1", f"runs:/{run_id}/model"]
+            )
+        ]
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert [(r.name, r.version) for r in resolved[:2]] == [("tracktower", "1")] * 2
+    for r in resolved:
+        assert (r.path / "manifest.json").is_file() and (r.path / "arrays.npz").is_file()
