@@ -88,8 +88,8 @@ class BenchContext:
     tracking_uri: str | None
     seed: int
     quick: bool
-    skip_two_tower: bool = False
     threads: int
+    skip_two_tower: bool = False
     ks: tuple[int, ...] = KS
     params: dict[str, Any] = field(default_factory=dict)  # data/split params logged on each run
 
@@ -235,7 +235,7 @@ def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
         tracking_uri=args.tracking_uri,
         seed=args.seed,
         quick=args.quick,
-        skip_two_tower=args.systems == "baselines",
+        skip_two_tower=not wants_two_tower(args.systems),
         threads=args.threads,
         params={
             "data": data_cfg.model_dump(mode="json"),
@@ -245,6 +245,8 @@ def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
     )
     results: list[SystemResult] = []
     for system in [*baseline_systems(ctx), *two_tower_systems(ctx)]:
+        if not selected(args.systems, system.name):
+            continue
         print(f"  {system.name}", flush=True)
         results.append(system.fit_and_score(ctx))
     print_table(spec, results)
@@ -258,6 +260,53 @@ def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
         "stats": stats,
         "systems": [asdict(r) for r in results],
     }
+
+
+def selected(systems: str, name: str) -> bool:
+    """``--systems``: 'all', 'baselines', or a comma list of system names."""
+    from tracktower.training.baselines import BASELINES
+
+    if systems == "all":
+        return True
+    if systems == "baselines":
+        return name in BASELINES
+    return name in {s.strip() for s in systems.split(",")}
+
+
+def wants_two_tower(systems: str) -> bool:
+    """False when only baselines were asked for, so TensorFlow is never imported."""
+    from tracktower.training.baselines import BASELINES
+
+    if systems in ("all", "baselines"):
+        return systems == "all"
+    return any(s.strip() not in BASELINES for s in systems.split(",") if s.strip())
+
+
+def merge_previous(path: Path, datasets: dict[str, Any]) -> dict[str, Any]:
+    """With a subset of systems or datasets, keep the other entries of an existing report.
+
+    A dataset's old systems are kept only when its fingerprint and split are unchanged, so a merged
+    table never mixes numbers from different data.
+    """
+    if not path.is_file():
+        return datasets
+    try:
+        old = json.loads(path.read_text()).get("datasets", {})
+    except (OSError, ValueError):
+        return datasets
+    merged = dict(old)
+    for key, new in datasets.items():
+        prev = old.get(key)
+        same = prev and (prev.get("fingerprint"), prev.get("split")) == (
+            new["fingerprint"],
+            new["split"],
+        )
+        if same:
+            fresh = {s["system"] for s in new["systems"]}
+            kept = [s for s in prev["systems"] if s["system"] not in fresh]
+            new = {**new, "systems": kept + new["systems"]}
+        merged[key] = new
+    return merged
 
 
 def _versions() -> dict[str, str]:
@@ -275,7 +324,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--datasets", default="mpd,msd", help="comma list of: mpd, msd")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="tiny grids (smoke run)")
-    p.add_argument("--systems", default="all", help="'all', or 'baselines' to skip the two-tower")
+    p.add_argument(
+        "--systems",
+        default="all",
+        help="'all', 'baselines' (skip the two-tower), or a comma list of system names; "
+        "a subset is merged into an existing --output",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="iALS threads (0 = all cores)")
     p.add_argument("--experiment", default=EXPERIMENT)
@@ -294,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     datasets = {key: run_dataset(specs[key], args) for key in keys}
+    if args.systems != "all" or set(keys) != set(specs):
+        datasets = merge_previous(args.output, datasets)
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,

@@ -4,10 +4,11 @@ The model is resolved and loaded exactly once, in the lifespan (never at import,
 request), and kept in ``app.state``; TensorFlow is only touched there, and only when the artifact
 has a history tower. Known users' top lists are precomputed during that load (see
 ``Recommender.load``), and the heap is then frozen out of the garbage collector: the imports and
-the model leave millions of long-lived objects, and a full collection walking them under load
-stalls every in-flight request. ``create_app`` with no arguments reads ``TRACKTOWER_*`` settings,
-which is what ``uvicorn --factory tracktower.serving.app:factory`` (and ``tracktower serve``) runs
-in each worker.
+the model leave 100k+ long-lived objects (more with MLflow or TensorFlow), and a full collection
+walking them (~0.1 s on a busy 2-core box) stalls every in-flight request.
+
+``create_app`` with no arguments reads ``TRACKTOWER_*`` settings, which is what
+``uvicorn --factory tracktower.serving.app:factory`` (and ``tracktower serve``) runs in each worker.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
 from tracktower.serving.artifact import Recommender
@@ -29,6 +31,13 @@ from tracktower.serving.routers import health, model, recommendations
 from tracktower.serving.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_NO_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
 
 
 def limit_blas_threads(threads: int) -> Any:
@@ -66,8 +75,8 @@ def load_model(settings: Settings) -> tuple[Recommender, LoadedModel]:
 def create_app(settings: Settings | None = None, recommender: Recommender | None = None) -> FastAPI:
     """Build the app; an injected ``recommender`` skips resolution (tests, embedding).
 
-    An injected recommender is served as loaded: pass ``precompute_k`` to ``Recommender.load``
-    for the precomputed known-user lists the resolved path gets from ``settings.max_k``.
+    An injected recommender gets the same precomputed known-user lists (``settings.max_k`` wide,
+    within ``settings.precompute_max_entries``) as a resolved one, at startup.
     """
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
@@ -76,6 +85,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if recommender is not None:
             loaded_rec = recommender
+            await run_in_threadpool(
+                recommender.precompute, settings.max_k, settings.precompute_max_entries
+            )
             loaded = LoadedModel(
                 name=recommender.manifest.model_name,
                 version=recommender.manifest.model_version,
@@ -117,6 +129,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         summary="Two-tower music recommendations",
         version="1",
         lifespan=lifespan,
+        telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
     )
     app.state.settings = settings
     app.state.metrics = metrics

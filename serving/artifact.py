@@ -126,11 +126,18 @@ class Recommender:
             tower = load_history_tower(path)
         recommender = cls(path, manifest, arrays, titles, artists, tower)
         if precompute_k > 0:
-            recommender._precompute(precompute_k, precompute_max_entries)
+            recommender.precompute(precompute_k, precompute_max_entries)
         return recommender
 
-    def _precompute(self, k: int, max_entries: int) -> None:
+    def precompute(self, k: int, max_entries: int = PRECOMPUTE_MAX_ENTRIES) -> None:
+        """Rank every known user's top ``k`` now (see ``load``); a no-op when already that wide.
+
+        Results do not change, only their cost, so an app serving an injected recommender may
+        call it; readers see either the old or the new table (the width is assigned last).
+        """
         k = min(k, self.n_tracks)
+        if k <= self._pre_width:
+            return
         if self.n_users * k > max_entries:
             log.info(
                 "%d users x top-%d > %d entries: scoring per request", self.n_users, k, max_entries
@@ -227,7 +234,7 @@ class Recommender:
             return Recommendation(self._items(indices[:k], scores[:k]), "model")
         skip = set(excluded)
         keep = [j for j, i in enumerate(indices.tolist()) if i not in skip]
-        complete = indices[-1] < 0 or self._pre_width == self.n_tracks
+        complete = indices[-1] < 0 or len(indices) == self.n_tracks
         if len(keep) < k and not complete:
             return None
         keep = keep[:k]

@@ -2,6 +2,9 @@
 
 Aliases are looked up once and pinned to the concrete version before downloading, so the name and
 version reported by the server are exactly what was loaded even if the alias moves meanwhile.
+``models:/`` and ``runs:/`` URIs are turned into storage locations with a client bound to the given
+tracking URI before anything is downloaded: MLflow's own resolution of those schemes goes through
+the process-wide tracking/registry URI and ignores ``tracking_uri``.
 MLflow is imported inside the functions: a local directory never pays for it.
 """
 
@@ -16,6 +19,7 @@ from typing import Any
 from tracktower.features.errors import DataError
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+_RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<name>[^/]+)(?:/(?P<rest>.*?))?/?$")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,10 @@ def resolve_artifact(
         raise DataError("empty model URI")
     if uri.startswith("models:/"):
         return _resolve_registry(uri, tracking_uri, dst_path)
-    if "://" in uri or uri.startswith("runs:/"):
-        local = _download(uri, tracking_uri, dst_path)
-        return _from_local(local, uri)
+    if uri.startswith("runs:/"):
+        return _from_local(_download(_run_source(uri, tracking_uri), tracking_uri, dst_path), uri)
+    if "://" in uri:
+        return _from_local(_download(uri, tracking_uri, dst_path), uri)
     path = Path(uri).expanduser()
     if not path.exists():
         raise DataError("no such model directory", path=path)
@@ -76,6 +81,28 @@ def _resolve_registry(
     local = _download(source, tracking_uri, dst_path)
     resolved = _from_local(local, uri)
     return ResolvedModel(resolved.path, name, version, uri)
+
+
+def _run_source(uri: str, tracking_uri: str | None) -> str:
+    """Where ``runs:/ID/NAME[/PATH]`` is stored: the run's logged model NAME, else its artifacts."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _RUNS_URI.match(uri)
+    if match is None:
+        raise DataError("expected runs:/RUN_ID/PATH", path=uri)
+    run_id, name, rest = match["run_id"], match["name"], match["rest"]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+        logged = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"
+        )
+    except MlflowException as exc:
+        raise DataError(f"cannot find run {run_id} ({_reason(exc)})", path=uri) from exc
+    model = next((m for m in logged if m.source_run_id == run_id), None)
+    base = model.artifact_location if model is not None else f"{run.info.artifact_uri}/{name}"
+    return f"{base.rstrip('/')}/{rest}" if rest else base
 
 
 def _reason(exc: Any) -> str:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -35,30 +36,11 @@ def _free_port() -> int:
         return port
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    root = tmp_path_factory.mktemp("http")
-    artifact = _fixtures().write_fake_artifact(root / "artifact", 40, 300, 8, True)
-    port = _free_port()
-    env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact), "TRACKTOWER_MAX_K": "50"}
-    log_path = root / "server.log"
+@contextmanager
+def _running(cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> Iterator[str]:
+    """Start ``cmd``, wait for /readyz, yield the base URL; always stops the process."""
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "tracktower.serving.app:factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -73,7 +55,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready after 120 s:\n{log_path.read_text()}")
             time.sleep(0.25)
-        yield base, log_path
+        yield base
     finally:
         proc.terminate()
         try:
@@ -81,6 +63,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("http")
+    artifact = _fixtures().write_fake_artifact(root / "artifact", 40, 300, 8, True)
+    port = _free_port()
+    env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact), "TRACKTOWER_MAX_K": "50"}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "tracktower.serving.app:factory"]
+    log_path = root / "server.log"
+    with _running([*cmd, "--host", "127.0.0.1", "--port", str(port)], env, log_path, port) as base:
+        yield base, log_path
 
 
 def _count(metrics: str, prefix: str) -> float:
@@ -130,3 +124,29 @@ def test_endpoints_over_http(server: tuple[str, Path]) -> None:
     assert _count(metrics, 'tracktower_recommendations_total{source="popular"}') == 2
     assert _count(metrics, "tracktower_model_info{") == 1
     assert "serving tracktower" in log_path.read_text()
+
+
+def test_tracktower_serve(tmp_path: Path) -> None:
+    """The console command: precomputed lists, C parser and loop, no per-request access log."""
+    artifact = _fixtures().write_fake_artifact(tmp_path / "artifact", 30, 200, 8, False)
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKTOWER_")}
+    exe = Path(sys.executable).with_name("tracktower")
+    cmd = [str(exe), "serve", "--model", str(artifact), "--port", str(port)]
+    log_path = tmp_path / "serve.log"
+    with _running(cmd, env, log_path, port) as base, httpx.Client(base_url=base) as client:
+        for u in range(30):
+            body = client.get(f"/v1/users/u{u:05d}/recommendations", params={"k": 7}).json()
+            assert body["source"] == "model" and len(body["items"]) == 7
+        excluded = body["items"][0]["track_id"]
+        again = client.post(
+            "/v1/recommendations",
+            json={"user_id": "u00029", "k": 7, "exclude_track_ids": [excluded]},
+        ).json()
+        assert [i["track_id"] for i in again["items"]] == [
+            i["track_id"] for i in body["items"][1:]
+        ] + [again["items"][-1]["track_id"]]
+    log = log_path.read_text()
+    assert "(httptools, uvloop)" in log
+    assert "precomputed top-100 for 30 users" in log
+    assert "GET /v1/users" not in log  # access log off by default

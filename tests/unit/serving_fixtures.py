@@ -26,7 +26,11 @@ def track_id(i: int) -> str:
     return f"t{i:06d}"
 
 
-def fake_arrays(n_users: int, n_tracks: int, dim: int, seed: int = SEED) -> dict[str, np.ndarray]:
+def fake_arrays(
+    n_users: int, n_tracks: int, dim: int, seed: int = SEED, *, integer: bool = False
+) -> dict[str, np.ndarray]:
+    """``integer`` embeddings in {-1, 0, 1}: every score is exact in any summation order and most
+    are tied, so rankings from different BLAS kernels must agree bit for bit."""
     rng = np.random.default_rng(seed)
     seen_rows = []
     for _ in range(n_users):
@@ -37,11 +41,15 @@ def fake_arrays(n_users: int, n_tracks: int, dim: int, seed: int = SEED) -> dict
     indices = np.concatenate(seen_rows).astype(np.int32) if n_users else np.zeros(0, dtype=np.int32)
     counts = np.bincount(indices, minlength=n_tracks).astype(np.float32)
     popular = np.argsort(-counts, kind="stable").astype(np.int32)
+
+    def draw(n: int) -> np.ndarray:
+        return rng.integers(-1, 2, size=(n, dim)) if integer else rng.normal(size=(n, dim))
+
     return {
         "track_ids": np.array([track_id(i) for i in range(n_tracks)]),
-        "track_embeddings": rng.normal(size=(n_tracks, dim)).astype(np.float32),
+        "track_embeddings": draw(n_tracks).astype(np.float32),
         "user_ids": np.array([user_id(i) for i in range(n_users)]),
-        "user_embeddings": rng.normal(size=(n_users, dim)).astype(np.float32),
+        "user_embeddings": draw(n_users).astype(np.float32),
         "seen_indptr": indptr,
         "seen_indices": indices,
         "popular": popular,
@@ -58,11 +66,12 @@ def write_fake_artifact(
     *,
     model_version: str | None = None,
     seed: int = SEED,
+    integer: bool = False,
 ) -> Path:
     """Write manifest.json, arrays.npz, tracks.parquet (and saved_model/) into ``dir``."""
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    arrays = fake_arrays(n_users, n_tracks, dim, seed)
+    arrays = fake_arrays(n_users, n_tracks, dim, seed, integer=integer)
     np.savez(out / "arrays.npz", allow_pickle=False, **arrays)
     # Every 10th track has no metadata row, as for tracks missing from the catalog.
     with_meta = [i for i in range(n_tracks) if i % 10 != 9]

@@ -290,3 +290,28 @@ def test_openapi_documents_the_api(client: TestClient) -> None:
         "/healthz",
         "/readyz",
     } <= set(paths)
+
+
+def test_metrics_children_are_cached_and_methods_bounded() -> None:
+    from tracktower.serving.metrics import Metrics
+
+    metrics = Metrics()
+    for method in ("GET", "GET", "BREW", "PROPFIND"):
+        metrics.observe_request("/healthz", method, 200, 0.002)
+    metrics.count_source("popular", 3)
+    text = metrics.render().decode()
+    labels = 'method="{}",route="/healthz",status="200"'
+    assert sample(text, "tracktower_http_requests_total{" + labels.format("GET") + "}") == 2
+    assert sample(text, "tracktower_http_requests_total{" + labels.format("OTHER") + "}") == 2
+    assert "BREW" not in text and "PROPFIND" not in text
+    assert sample(text, 'tracktower_recommendations_total{source="popular"}') == 3
+    assert len(metrics._http) == 2
+
+
+def test_heap_is_frozen_while_serving(artifact: Path) -> None:
+    import gc
+
+    with TestClient(create_app(Settings(model_uri=str(artifact)))) as client:
+        assert gc.get_freeze_count() > 0
+        assert client.get("/readyz").status_code == 200
+    assert gc.get_freeze_count() == 0

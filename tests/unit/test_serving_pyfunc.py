@@ -71,7 +71,7 @@ def test_resolve_local_artifact_and_pyfunc_dirs(artifact: Path, tmp_path: Path) 
     assert resolve_artifact(str(pyfunc_dir)).path.name == "exported"
 
 
-@pytest.mark.parametrize("uri", ["", "models:/only-name", "models:/a/b/c"])
+@pytest.mark.parametrize("uri", ["", "models:/only-name", "models:/a/b/c", "runs:/only-id"])
 def test_resolve_rejects_bad_uris(uri: str) -> None:
     with pytest.raises(DataError):
         resolve_artifact(uri)

@@ -65,7 +65,7 @@ def _ials_grid(factors: Sequence[int], regs: Sequence[float], alphas: Sequence[f
 GRIDS: dict[str, list[dict[str, Any]]] = {
     "popular": [{}],
     "ease": [{"l2": v} for v in (25.0, 50.0, 100.0, 200.0, 500.0, 1000.0)],
-    "ials": _ials_grid((64, 128, 256), (0.1, 1.0, 10.0), (1.0, 10.0, 40.0)),
+    "ials": _ials_grid((128, 256, 512), (1.0, 10.0, 100.0), (10.0, 40.0, 100.0)),
 }
 QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
     "popular": [{}],
