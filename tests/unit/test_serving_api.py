@@ -58,6 +58,19 @@ def test_default_k_and_unknown_user(client: TestClient) -> None:
     assert len(body["items"]) == 10
 
 
+def test_single_user_responses_follow_the_documented_schema(client: TestClient) -> None:
+    from tracktower.serving.schemas import RecommendationResponse
+
+    for response in (
+        client.get(f"/v1/users/{user_id(3)}/recommendations", params={"k": 7}),
+        client.get("/v1/users/nobody/recommendations"),
+        client.post("/v1/recommendations", json={"user_id": user_id(3), "k": 4}),
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        RecommendationResponse.model_validate(response.json(), strict=False)
+
+
 def test_post_with_excludes(client: TestClient) -> None:
     top = _ids(client.get(f"/v1/users/{user_id(5)}/recommendations?k=3").json())
     response = client.post(
