@@ -64,6 +64,9 @@ class ModelConfig(_Strict):
     # answer from listening history alone (the cold-start "session" path at serving time).
     user_id_dropout: float = Field(0.2, ge=0.0, le=1.0)
     history_max_len: int = Field(100, ge=1)
+    # One track table for the pooled history and the candidates (tied), or one each (untied,
+    # as word2vec's input/output vectors): untied doubles the table but decouples the roles.
+    tie_track_embeddings: bool = True
     logq_correction: bool = True
     remove_accidental_hits: bool = True
     # Uniformly sampled extra negatives per batch, on top of the in-batch ones (0 = in-batch only).

@@ -138,7 +138,14 @@ class TwoTowerModel(tfrs.Model):
         self.track_embedding = tf.keras.layers.Embedding(
             n_tracks + 1, cfg.embedding_dim, name="track_embedding"
         )
-        self.query_tower = QueryTower(cfg, n_users, self.track_embedding, name="query_tower")
+        history_embedding = (
+            self.track_embedding
+            if cfg.tie_track_embeddings
+            else tf.keras.layers.Embedding(
+                n_tracks + 1, cfg.embedding_dim, name="history_track_embedding"
+            )
+        )
+        self.query_tower = QueryTower(cfg, n_users, history_embedding, name="query_tower")
         self.candidate_tower = CandidateTower(
             cfg,
             self.track_embedding,

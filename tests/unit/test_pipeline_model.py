@@ -144,3 +144,10 @@ def test_full_softmax_is_chosen_by_catalogue_size_and_learns():
     )
     losses = small.fit(ds, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_untied_track_embeddings_give_the_history_its_own_table():
+    tied = TwoTowerModel(ModelConfig(embedding_dim=4), 3, 5)
+    untied = TwoTowerModel(ModelConfig(embedding_dim=4, tie_track_embeddings=False), 3, 5)
+    assert tied.query_tower.track_embedding is tied.candidate_tower.track_embedding
+    assert untied.query_tower.track_embedding is not untied.candidate_tower.track_embedding
