@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -103,6 +104,31 @@ def test_ials_confidence_scaling() -> None:
     np.testing.assert_allclose(IALS(alpha=2.0).confidence(x).data, [7.0, 3.0])
     log = IALS(alpha=2.0, scaling="log", eps=1.0).confidence(x).data
     np.testing.assert_allclose(log, 1 + 2 * np.log1p([3.0, 1.0]), rtol=1e-6)
+
+
+def test_ials_pins_blas_to_one_thread_in_a_fresh_process() -> None:
+    """threadpoolctl only limits loaded libraries; implicit loads scipy's OpenBLAS on import.
+
+    Entering the limit before that import left BLAS multi-threaded under implicit's OpenMP pool
+    (minutes instead of seconds per fit). A fresh process is needed: in this one scipy.linalg is
+    long loaded. implicit's own warning fires when BLAS has more than one thread.
+    """
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, numpy as np, scipy.sparse as sp\n"
+        "warnings.simplefilter('error', RuntimeWarning)\n"
+        "from tracktower.training.baselines.ials import IALS\n"
+        "x = sp.random(50, 40, density=0.2, format='csr', dtype=np.float32, random_state=0)\n"
+        "IALS(factors=4, iterations=2).fit(x)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    env["OPENBLAS_NUM_THREADS"] = "2"  # what an unconfigured multi-core machine would use
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_make_recommender_rejects_unknown() -> None:
