@@ -21,6 +21,17 @@ def _clustered(users=120, tracks=200, per_user=12, clusters=4, seed=0):
     return sp.csr_matrix((data, (rows, cols)), shape=(users, tracks))
 
 
+def _dataset(x: sp.csr_matrix, weighting: str):
+    return pipeline.training_dataset(
+        pipeline.make_examples(x, weighting),
+        pipeline.history_matrix(x, 40, 0),
+        batch_size=128,
+        history_max_len=10,
+        user_id_dropout=0.0,
+        seed=0,
+    )
+
+
 def test_examples_weighting_and_log_q():
     x = sp.csr_matrix(np.array([[1, 0, 9], [0, 4, 1]], dtype=np.float32))
     none = pipeline.make_examples(x, "none")
@@ -83,14 +94,7 @@ def test_model_learns_clusters_better_than_chance():
     model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
     table = pipeline.history_table(x)
-    ds = pipeline.training_dataset(
-        pipeline.make_examples(x, "none"),
-        pipeline.history_matrix(x, 40, 0),
-        batch_size=128,
-        history_max_len=10,
-        user_id_dropout=0.0,
-        seed=0,
-    )
+    ds = _dataset(x, "none")
     losses = model.fit(ds, epochs=6, verbose=0).history["loss"]
     assert losses[-1] < losses[0]
     users = tf.range(1, x.shape[0] + 1)
@@ -112,14 +116,7 @@ def test_mixed_negatives_loss_runs_and_decreases():
     )
     model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
-    ds = pipeline.training_dataset(
-        pipeline.make_examples(x, "log1p"),
-        pipeline.history_matrix(x, 40, 0),
-        batch_size=128,
-        history_max_len=10,
-        user_id_dropout=0.0,
-        seed=0,
-    )
+    ds = _dataset(x, "log1p")
     losses = model.fit(ds, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
@@ -134,14 +131,7 @@ def test_full_softmax_is_chosen_by_catalogue_size_and_learns():
         ModelConfig(embedding_dim=8, negatives="in_batch"), x.shape[0], x.shape[1]
     ).full_softmax
     small.compile(optimizer=tf.keras.optimizers.Adam(0.02))
-    ds = pipeline.training_dataset(
-        pipeline.make_examples(x, "none"),
-        pipeline.history_matrix(x, 40, 0),
-        batch_size=128,
-        history_max_len=10,
-        user_id_dropout=0.0,
-        seed=0,
-    )
+    ds = _dataset(x, "none")
     losses = small.fit(ds, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
