@@ -59,10 +59,14 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         timestamp=data.columns.timestamp,
     )
     path = Path(data.interactions)
-    interactions = io.read_interactions(path, columns)
-    tracks = io.read_tracks(Path(data.tracks), interactions) if data.tracks else None
-    if tracks is None and path.is_dir() and any(path.glob("mpd.slice.*.json")):
-        _, tracks = io.read_mpd_slices(path)
+    tracks: pd.DataFrame | None = None
+    if path.is_dir() and any(path.glob("mpd.slice.*.json")):
+        # MPD slices carry their own track metadata: parse the JSON once for both.
+        interactions, tracks = io.read_mpd_slices(path)
+    else:
+        interactions = io.read_interactions(path, columns)
+    if data.tracks:
+        tracks = io.read_tracks(Path(data.tracks), interactions)
     if data.k_core > 0:
         before = len(interactions)
         interactions = k_core(interactions, data.k_core, data.k_core)
