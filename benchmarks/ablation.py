@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--interactions", type=Path, required=True)
     parser.add_argument("--tracks", type=Path)
     parser.add_argument("--variant", action="append", default=[])
+    parser.add_argument(
+        "--k-core", type=int, default=5, help="the benchmark's core filter (quality.py uses 5)"
+    )
     parser.add_argument("--experiment", default="tracktower-mpd-ablation")
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "ablation.json"
@@ -46,16 +49,23 @@ def main() -> None:
     from tracktower.training.data import prepare
     from tracktower.training.train import fit
 
-    base = [f"data.interactions={args.interactions}"]
+    base = [
+        f"data.interactions={args.interactions}",
+        f"data.k_core={args.k_core}",
+        "data.min_track_users=0",
+    ]
     if args.tracks:
         base.append(f"data.tracks={args.tracks}")
     first = load_config(args.config, base)
+    variants = [_parse_variant(text) for text in args.variant or ["base="]]
+    configs = [load_config(args.config, [*base, *overrides]) for _, overrides in variants]
+    for (name, _), cfg in zip(variants, configs, strict=True):
+        if (cfg.data, cfg.split) != (first.data, first.split):
+            parser.error(f"variant {name!r}: data.* and split.* are shared by all variants")
     data = prepare(first.data, first.split)
     enc = data.encoded
     results = []
-    for text in args.variant or ["base="]:
-        name, overrides = _parse_variant(text)
-        cfg = load_config(args.config, [*base, *overrides])
+    for (name, overrides), cfg in zip(variants, configs, strict=True):
         with tracking.experiment_run(
             args.experiment, name, tags={"system": "two_tower", "variant": name}
         ):
@@ -73,7 +83,7 @@ def main() -> None:
             )
             seconds = time.perf_counter() - started
             metrics = evaluate.evaluate_model(
-                result.model, result.table, enc.train, enc.test, enc.test_unknown, cfg.eval.ks
+                result.model, result.table, result.known, enc.test, enc.test_unknown, cfg.eval.ks
             )
             tracking.log_metrics(metrics, prefix="test_")
             tracking.log_metrics({"fit_seconds": seconds, "best_epoch": result.best_epoch})

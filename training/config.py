@@ -34,6 +34,10 @@ class DataConfig(_Strict):
     columns: ColumnsConfig = ColumnsConfig()
     # 0 disables; >0 drops users and tracks with fewer interactions, iterated until stable.
     k_core: int = Field(0, ge=0)
+    # 0 disables; >0 drops tracks heard by fewer users but keeps every user and the rest of their
+    # history: a production retrain must still answer for light users, and a history-based query
+    # tower can embed anyone with one known track.
+    min_track_users: int = Field(0, ge=0)
 
 
 class SplitConfig(_Strict):
@@ -77,6 +81,8 @@ class ModelConfig(_Strict):
     negatives: Literal["auto", "in_batch", "full"] = "auto"
     full_softmax_max_tracks: int = Field(50_000, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # A learned per-track bias added to the score (one extra embedding column).
+    track_bias: bool = False
 
     @field_validator("query_layers", "candidate_layers")
     @classmethod
@@ -101,6 +107,8 @@ class EarlyStoppingConfig(_Strict):
 class TrainConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(0.003, gt=0.0)
+    # "cosine" decays the learning rate to 0 over train.epochs (early stopping may end sooner).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     # "auto" derives the batch size from the number of training interactions (see pipeline).
     batch_size: int | Literal["auto"] = "auto"
     epochs: int = Field(10, ge=1)

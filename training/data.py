@@ -73,6 +73,21 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         log.info("%d-core: %d → %d interactions", data.k_core, before, len(interactions))
         if interactions.empty:
             raise DataError(f"no interactions survive the {data.k_core}-core filter", path=path)
+    if data.min_track_users > 1:
+        before = len(interactions)
+        interactions = k_core(interactions, 1, data.min_track_users)
+        log.info(
+            "tracks with < %d users dropped: %d → %d interactions",
+            data.min_track_users,
+            before,
+            len(interactions),
+        )
+        if interactions.empty:
+            raise DataError(
+                f"no track has the {data.min_track_users} distinct users data.min_track_users "
+                "asks for",
+                path=path,
+            )
     parts = holdout(
         interactions,
         val_fraction=split.final_val_fraction if final else split.val_fraction,

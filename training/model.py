@@ -72,7 +72,11 @@ class QueryTower(tf.keras.Model):
         if self.mlp is not None:
             x = self.mlp(x, training=training)
         x = tf.cast(x, tf.float32)
-        return tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+        x = tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+        if self.cfg.track_bias:
+            # The constant 1 meets the candidate's bias column: see CandidateTower.
+            x = tf.concat([x, tf.ones_like(x[:, :1])], axis=-1)
+        return x
 
 
 class CandidateTower(tf.keras.Model):
@@ -100,6 +104,13 @@ class CandidateTower(tf.keras.Model):
             self.artist_embedding = tf.keras.layers.Embedding(
                 n_artists, cfg.embedding_dim, name="artist_embedding"
             )
+        self.bias = (
+            tf.keras.layers.Embedding(
+                track_embedding.input_dim, 1, embeddings_initializer="zeros", name="track_bias"
+            )
+            if cfg.track_bias
+            else None
+        )
         needs_mlp = bool(cfg.candidate_layers) or self.artist_embedding is not None
         self.mlp = (
             _mlp(cfg.candidate_layers, cfg.embedding_dim, cfg.dropout, "candidate_mlp")
@@ -115,7 +126,15 @@ class CandidateTower(tf.keras.Model):
         if self.mlp is not None:
             x = self.mlp(x, training=training)
         x = tf.cast(x, tf.float32)
-        return tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+        x = tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
+        if self.bias is not None:
+            # A per-track bias as one more embedding column (the query's is a constant 1), so the
+            # score stays a plain dot product for export, brute force and ANN alike. Normalised
+            # embeddings cannot carry popularity in their length; the bias can. It is scaled by
+            # the temperature because the loss divides the whole dot product by it.
+            scale = self.cfg.temperature if self.cfg.normalize else 1.0
+            x = tf.concat([x, scale * tf.cast(self.bias(track), tf.float32)], axis=-1)
+        return x
 
 
 class TwoTowerModel(tfrs.Model):

@@ -123,7 +123,12 @@ def train_and_register(
             metrics: dict[str, float] = {}
             if not final:
                 metrics = evaluate.evaluate_model(
-                    result.model, result.table, enc.train, enc.test, enc.test_unknown, cfg.eval.ks
+                    result.model,
+                    result.table,
+                    result.known,
+                    enc.test,
+                    enc.test_unknown,
+                    cfg.eval.ks,
                 )
                 tracking.log_metrics(metrics, prefix="test_")
                 tracking.log_recall_plot(metrics, title=f"{run_name} — test")
@@ -142,7 +147,7 @@ def train_and_register(
                     table=result.table,
                     user_ids=enc.user_ids,
                     track_ids=enc.track_ids,
-                    train=enc.train,
+                    train=result.known,
                     tracks=data.tracks,
                     manifest=manifest,
                 ),

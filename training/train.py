@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from tracktower.features.dataset import Encoded
 from tracktower.features.tf import tf
 from tracktower.training import evaluate, pipeline
-from tracktower.training.config import ExperimentConfig
+from tracktower.training.config import ExperimentConfig, TrainConfig
 from tracktower.training.model import TwoTowerModel
 from tracktower.training.strategy import configure_precision, make_strategy
 
@@ -30,8 +31,13 @@ EpochHook = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class FitResult:
+    """``known`` is every interaction the model was given (train plus the early-stopping slice)
+    and ``table`` its histories: what inference uses as a user's history and what it excludes.
+    Holding tracks out for early stopping must not make a user's served history forget them."""
+
     model: TwoTowerModel
     table: tf.RaggedTensor
+    known: sp.csr_matrix
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     batch_size: int = 0
@@ -39,10 +45,17 @@ class FitResult:
     replicas: int = 1
 
 
-def _optimizer(name: str, lr: float) -> tf.keras.optimizers.Optimizer:
-    if name == "adam":
+def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    lr: float | tf.keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        # Decays to ~0 at the last allowed epoch: the late, small steps settle the embeddings
+        # that a constant rate keeps shaking, and early stopping still keeps the best epoch.
+        lr = tf.keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch)
+        )
+    if cfg.optimizer == "adam":
         return tf.keras.optimizers.Adam(lr)
-    if name == "adagrad":
+    if cfg.optimizer == "adagrad":
         return tf.keras.optimizers.Adagrad(lr)
     return tf.keras.optimizers.SGD(lr, momentum=0.9)
 
@@ -166,7 +179,8 @@ def fit(
     )
     with strategy.scope():
         model = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
-        model.compile(optimizer=_optimizer(cfg.train.optimizer, cfg.train.learning_rate))
+        steps = len(examples) // batch_size if len(examples) >= batch_size else 1
+        model.compile(optimizer=_optimizer(cfg.train, steps))
     manager = None
     if checkpoint_dir is not None:
         ckpt = tf.train.Checkpoint(model=model)
@@ -182,9 +196,11 @@ def fit(
         strategy.num_replicas_in_sync,
     )
     model.fit(ds, epochs=cfg.train.epochs, callbacks=[callback], verbose=0)
+    known = (data.train + data.val).tocsr() if data.val.nnz else data.train
     return FitResult(
         model=model,
-        table=table,
+        table=pipeline.history_table(known) if data.val.nnz else table,
+        known=known,
         history=callback.history,
         best_epoch=callback.best_epoch,
         batch_size=batch_size,

@@ -30,7 +30,7 @@ def _beats_popularity(interactions: Path, tracks: Path, *overrides: str) -> tupl
     enc = data.encoded
     result = fit(cfg, enc, data.track_artist)
     model = evaluate.evaluate_model(
-        result.model, result.table, enc.train, enc.test, enc.test_unknown, cfg.eval.ks
+        result.model, result.table, result.known, enc.test, enc.test_unknown, cfg.eval.ks
     )["recall_at_20"]
     popular = evaluate_recommender(Popularity().fit(enc.train), enc, split_name="test", ks=[20])[
         "recall_at_20"

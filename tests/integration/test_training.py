@@ -120,7 +120,7 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
             result.table,
             enc.user_ids,
             enc.track_ids,
-            enc.train,
+            result.known,
             None,
             {
                 "model_name": "tracktower",
@@ -161,12 +161,16 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     ).numpy()
     np.testing.assert_allclose(session["query_embedding"].numpy(), expected, atol=1e-5)
 
-    # 3. No training/serving skew: the server's top-K == the offline evaluation's top-K.
+    # 3. No training/serving skew: the server's top-K == the offline evaluation's top-K, and both
+    # treat the early-stopping slice as known history (never recommended back).
+    assert result.known.nnz == enc.train.nnz + enc.val.nnz > enc.train.nnz
     served = Recommender.load(artifact).top_k_batch(list(enc.user_ids[users]), 20)
     offline = np.concatenate(
-        [i for i, _ in score_chunks(queries, candidates, 20, enc.train[users])]
+        [i for i, _ in score_chunks(queries, candidates, 20, result.known[users])]
     )
     np.testing.assert_array_equal(served.indices, offline)
+    for row, u in zip(served.indices, users, strict=True):
+        assert not set(row) & set(enc.val[u].indices)
 
 
 def test_mirrored_strategy_on_two_logical_cpus(synth_data, tmp_path):

@@ -185,6 +185,26 @@ def test_k_core_counts_distinct_pairs_and_validates() -> None:
         k_core(df, 0, 1)
 
 
+def test_min_track_users_prunes_tracks_but_keeps_light_users(tmp_path) -> None:
+    from tracktower.training.config import DataConfig, SplitConfig
+    from tracktower.training.data import prepare
+
+    rows = [(f"u{u}", f"hit{t}", 1.0) for u in range(8) for t in range(6)]
+    rows += [("light", "hit0", 1.0), ("light", "hit1", 1.0), ("light", "rare", 1.0)]
+    rows += [("u0", "rare", 1.0), ("solo", "rare2", 1.0)]
+    src = tmp_path / "i.parquet"
+    pd.DataFrame(rows, columns=["user_id", "track_id", "weight"]).to_parquet(src)
+    split = SplitConfig(val_fraction=0.0, test_fraction=0.2)
+    data = prepare(DataConfig(interactions=src, min_track_users=3), split)
+    kept = data.interactions
+    assert set(kept["track_id"]) == {f"hit{t}" for t in range(6)}  # rare tracks gone
+    # "light" has 2 tracks left, below any 5-core, and keeps them; "solo" had only a rare track
+    assert sorted(kept.loc[kept["user_id"] == "light", "track_id"]) == ["hit0", "hit1"]
+    assert "solo" not in set(kept["user_id"])
+    with pytest.raises(DataError, match="min_track_users"):
+        prepare(DataConfig(interactions=src, min_track_users=50), split)
+
+
 def _synthetic_interactions(path, users: int = 60, tracks: int = 40, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     rows = [

@@ -141,3 +141,28 @@ def test_untied_track_embeddings_give_the_history_its_own_table():
     untied = TwoTowerModel(ModelConfig(embedding_dim=4, tie_track_embeddings=False), 3, 5)
     assert tied.query_tower.track_embedding is tied.candidate_tower.track_embedding
     assert untied.query_tower.track_embedding is not untied.candidate_tower.track_embedding
+
+
+def test_track_bias_is_one_more_column_so_scores_stay_dot_products():
+    cfg = ModelConfig(embedding_dim=4, use_user_id=False, track_bias=True, temperature=0.1)
+    model = TwoTowerModel(cfg, 3, 5)
+    model.candidate_tower(tf.range(1, 6))  # builds the layers
+    model.candidate_tower.bias.set_weights([np.arange(6, dtype=np.float32)[:, None]])
+    q = model.query_tower({"user": tf.constant([1]), "history": tf.constant([[1, 2]])}).numpy()
+    c = model.candidate_tower(tf.range(1, 6)).numpy()
+    assert q.shape == (1, 5) and c.shape == (5, 5) and q[0, -1] == 1.0
+    cosine = q[:, :4] @ c[:, :4].T
+    # the loss divides by the temperature: dot / T == cosine / T + bias
+    np.testing.assert_allclose((q @ c.T) / 0.1, cosine / 0.1 + np.arange(1, 6), rtol=1e-5)
+
+
+def test_cosine_schedule_spans_all_allowed_epochs():
+    from tracktower.training.config import TrainConfig
+    from tracktower.training.train import _optimizer
+
+    constant = _optimizer(TrainConfig(learning_rate=0.01), 10).get_config()["learning_rate"]
+    assert np.isclose(constant, 0.01)
+    cfg = TrainConfig(lr_schedule="cosine", learning_rate=0.01, epochs=3)
+    schedule = _optimizer(cfg, 10).get_config()["learning_rate"]
+    assert schedule["class_name"] == "CosineDecay"
+    assert schedule["config"]["decay_steps"] == 30 and schedule["config"]["alpha"] == 0.0
