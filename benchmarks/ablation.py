@@ -49,6 +49,8 @@ def main() -> None:
     from tracktower.training.data import prepare
     from tracktower.training.train import fit
 
+    tracking.end_runs_on_sigterm()
+
     base = [
         f"data.interactions={args.interactions}",
         f"data.k_core={args.k_core}",

@@ -340,6 +340,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    from tracktower.training.tracking import end_runs_on_sigterm
+
+    end_runs_on_sigterm()
     specs = dataset_specs(args.data_root)
     keys = [k.strip() for k in args.datasets.split(",") if k.strip()]
     unknown = [k for k in keys if k not in specs]

@@ -114,4 +114,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     _register_optional_commands()
+    from tracktower.training.tracking import end_runs_on_sigterm
+
+    end_runs_on_sigterm()
     app()

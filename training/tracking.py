@@ -61,6 +61,16 @@ def configure(tracking_uri: str | None) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+def end_runs_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's kill, ``pkill``) unwind like Ctrl-C, so the active MLflow run
+    ends KILLED instead of staying RUNNING forever. Entry points call it; the library never does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def experiment_run(
     experiment: str, run_name: str, tags: dict[str, str] | None = None
@@ -75,9 +85,14 @@ def experiment_run(
     if commit := git_commit():
         all_tags.setdefault("mlflow.source.git.commit", commit)
     mlflow.set_experiment(experiment)
-    # start_run's context manager ends the run FAILED on exceptions (KILLED on Ctrl-C).
+    # start_run's context manager ends the run FAILED on any exception; an interrupt (Ctrl-C, or
+    # SIGTERM after end_runs_on_sigterm) is not a failure of the run, so it ends KILLED.
     with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
-        yield run
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
 
 
 def _source_dir() -> Path | None:

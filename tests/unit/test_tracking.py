@@ -227,3 +227,34 @@ def test_missing_manifest_is_rejected(store: MlflowClient, tmp_path: Path) -> No
         tracking.log_and_register_model(
             tmp_path, model_name="m", fingerprint=FP_A, test_recall_at_20=None, promote=None
         )
+
+
+def test_sigterm_ends_the_active_run_killed_not_running(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = f"""
+import time
+import mlflow
+from tracktower.training import tracking
+mlflow.set_tracking_uri({uri!r})
+tracking.end_runs_on_sigterm()
+with tracking.experiment_run("sigterm", "victim"):
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("sigterm")
+    assert exp is not None
+    [run] = client.search_runs([exp.experiment_id])
+    assert run.info.status == "KILLED"
