@@ -67,25 +67,21 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         interactions = io.read_interactions(path, columns)
     if data.tracks:
         tracks = io.read_tracks(Path(data.tracks), interactions)
-    if data.k_core > 0:
+    min_user, min_track = max(data.k_core, 1), max(data.k_core, data.min_track_users, 1)
+    if min_track > 1 or min_user > 1:
         before = len(interactions)
-        interactions = k_core(interactions, data.k_core, data.k_core)
-        log.info("%d-core: %d → %d interactions", data.k_core, before, len(interactions))
-        if interactions.empty:
-            raise DataError(f"no interactions survive the {data.k_core}-core filter", path=path)
-    if data.min_track_users > 1:
-        before = len(interactions)
-        interactions = k_core(interactions, 1, data.min_track_users)
+        interactions = k_core(interactions, min_user, min_track)
         log.info(
-            "tracks with < %d users dropped: %d → %d interactions",
-            data.min_track_users,
+            "filter (users >= %d, tracks >= %d listeners): %d → %d interactions",
+            min_user,
+            min_track,
             before,
             len(interactions),
         )
         if interactions.empty:
             raise DataError(
-                f"no track has the {data.min_track_users} distinct users data.min_track_users "
-                "asks for",
+                f"no interactions survive the filter (data.k_core={data.k_core}, "
+                f"data.min_track_users={data.min_track_users})",
                 path=path,
             )
     parts = holdout(

@@ -36,7 +36,7 @@ def user_embeddings(model: TwoTowerModel, table: tf.RaggedTensor, users: np.ndar
         feats = {"user": u, "history": gather_history(table, u)}
         out.append(model.query_tower(feats).numpy())
     if not out:
-        return np.zeros((0, model.cfg.embedding_dim + int(model.cfg.track_bias)), np.float32)
+        return np.zeros((0, model.output_dim), np.float32)
     return np.concatenate(out).astype(np.float32, copy=False)
 
 

@@ -179,6 +179,11 @@ class TwoTowerModel(tfrs.Model):
             remove_accidental_hits=cfg.remove_accidental_hits,
         )
 
+    @property
+    def output_dim(self) -> int:
+        """Width of both towers' outputs: the embedding plus the bias column when there is one."""
+        return self.cfg.embedding_dim + int(self.cfg.track_bias)
+
     def compute_loss(self, features: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
         query = self.query_tower(features, training=training)
         track = features["track"]

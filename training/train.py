@@ -179,8 +179,7 @@ def fit(
     )
     with strategy.scope():
         model = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
-        steps = len(examples) // batch_size if len(examples) >= batch_size else 1
-        model.compile(optimizer=_optimizer(cfg.train, steps))
+        model.compile(optimizer=_optimizer(cfg.train, max(1, int(ds.cardinality()))))
     manager = None
     if checkpoint_dir is not None:
         ckpt = tf.train.Checkpoint(model=model)
@@ -196,10 +195,10 @@ def fit(
         strategy.num_replicas_in_sync,
     )
     model.fit(ds, epochs=cfg.train.epochs, callbacks=[callback], verbose=0)
-    known = (data.train + data.val).tocsr() if data.val.nnz else data.train
+    known = (data.train + data.val).tocsr()
     return FitResult(
         model=model,
-        table=pipeline.history_table(known) if data.val.nnz else table,
+        table=pipeline.history_table(known),
         known=known,
         history=callback.history,
         best_epoch=callback.best_epoch,

@@ -166,3 +166,18 @@ def test_cosine_schedule_spans_all_allowed_epochs():
     schedule = _optimizer(cfg, 10).get_config()["learning_rate"]
     assert schedule["class_name"] == "CosineDecay"
     assert schedule["config"]["decay_steps"] == 30 and schedule["config"]["alpha"] == 0.0
+
+
+def test_dataset_knows_its_steps_per_epoch_for_the_lr_schedule():
+    x = _clustered()
+    ex = pipeline.make_examples(x, "none")
+    for batch_size, steps in ((128, len(ex) // 128), (len(ex) + 1, 1)):
+        ds = pipeline.training_dataset(
+            ex,
+            pipeline.history_matrix(x, 40, 0),
+            batch_size=batch_size,
+            history_max_len=10,
+            user_id_dropout=0.0,
+            seed=0,
+        )
+        assert int(ds.cardinality()) == steps == sum(1 for _ in ds)
