@@ -24,7 +24,8 @@ define CHAMPION_CHECK
 import sys
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from tracktower.training.tracking import CHAMPION_ALIAS, configure
+from tracktower.training.champion import CHAMPION_ALIAS
+from tracktower.training.tracking import configure
 configure(None)
 try:
     MlflowClient().get_model_version_by_alias("tracktower", CHAMPION_ALIAS)
@@ -41,7 +42,7 @@ print(pd.read_parquet(p, columns=["user_id"])["user_id"].iloc[0] if p.exists() e
 endef
 export EXAMPLE_USER
 
-.PHONY: help venv install dev run test lint format bench mlflow-ui clean
+.PHONY: help venv install dev run test test-fast lint format bench mlflow-ui clean
 
 help:  ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -83,6 +84,9 @@ test: dev  ## Lint, then the whole test suite
 	@echo "$(VENV)/bin/pytest -q"; rc=0; $(VENV)/bin/pytest -q || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests (discovery broken?)" >&2; fi; \
 	exit $$rc
+
+test-fast: dev  ## The unit tier only (no TF training, no subprocess, no MLflow server; < 2 min)
+	$(VENV)/bin/pytest -q tests/unit
 
 lint: dev  ## ruff check, ruff format --check, mypy
 	$(VENV)/bin/ruff check .

@@ -44,12 +44,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
+    from tracktower.features.cli import end_runs_on_sigterm
     from tracktower.training import evaluate, tracking
     from tracktower.training.config import flatten, load_config
     from tracktower.training.data import prepare
     from tracktower.training.train import fit
 
-    tracking.end_runs_on_sigterm()
+    end_runs_on_sigterm()
 
     base = [
         f"data.interactions={args.interactions}",
@@ -81,13 +82,19 @@ def main() -> None:
                 cfg,
                 enc,
                 data.track_artist,
-                on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+                on_epoch=lambda epoch, row: tracking.log_metrics(row, prefix="epoch_", step=epoch),
             )
             seconds = time.perf_counter() - started
             metrics = evaluate.evaluate_model(
-                result.model, result.table, result.known, enc.test, enc.test_unknown, cfg.eval.ks
+                result.model,
+                result.known,
+                enc.test,
+                enc.test_unknown,
+                cfg.eval.ks,
+                exclude=result.known,
             )
             tracking.log_metrics(metrics, prefix="test_")
+            tracking.log_metrics(result.best_val)
             tracking.log_metrics({"fit_seconds": seconds, "best_epoch": result.best_epoch})
         row = {"variant": name, "overrides": overrides, "fit_seconds": seconds, **metrics}
         results.append(row)

@@ -1,9 +1,12 @@
 """The naive way to serve the exported model, as the comparison point for ``serving.py``.
 
-Loads ``saved_model/`` with ``tf.saved_model.load`` and calls its ``serving_default`` signature for
-every request (a TF graph call that scores all candidates), then drops the user's training tracks
-from the returned top_k list in Python. This is what one would write without the precomputed user
-embeddings and numpy scoring that ``tracktower.serving`` uses; it exists only to measure the gap.
+Loads ``saved_model/`` with ``tf.saved_model.load`` and, for every request, calls its
+``query_from_history`` signature with the user's seen track ids (a TF graph call), scores every
+candidate with numpy and ranks with ``features.ranking.top_k``, seen tracks excluded. This is what
+one would write without the user embeddings that export precomputes and ``tracktower.serving``
+looks up; it exists only to measure the gap. Its answers equal the real server's for a model
+without a user-id embedding (``model.use_user_id: false``); with one, the server's known-user
+embeddings also carry the id, which the history signature hides.
 
     python benchmarks/naive_server.py --artifact DIR [--host 127.0.0.1] [--port 8001]
 """
@@ -17,8 +20,65 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import uvicorn
 from fastapi import FastAPI, HTTPException
+
+from tracktower.features import ranking
+from tracktower.features.artifact import (
+    HISTORY_INPUT,
+    HISTORY_OUTPUT,
+    HISTORY_SIGNATURE,
+    SAVED_MODEL_DIR,
+    read_arrays,
+    read_manifest,
+)
+
+
+def _load(artifact: Path, state: dict[str, Any]) -> None:
+    from tracktower.features.tf import tf
+
+    arrays = read_arrays(artifact, read_manifest(artifact))
+    track_ids = arrays["track_ids"]
+    n_users, n_tracks = len(arrays["user_ids"]), len(track_ids)
+    seen = sp.csr_matrix(
+        (
+            np.ones(len(arrays["seen_indices"]), np.float32),
+            arrays["seen_indices"],
+            arrays["seen_indptr"],
+        ),
+        shape=(n_users, n_tracks),
+    )
+    model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
+    state.update(
+        tf=tf,
+        model=model,  # keeps the loaded object (and its variables) alive
+        signature=model.signatures[HISTORY_SIGNATURE],
+        track_ids=track_ids.tolist(),
+        candidates=np.asarray(arrays["track_embeddings"]),
+        users={u: i for i, u in enumerate(arrays["user_ids"].tolist())},
+        seen=seen,
+    )
+
+
+def _recommend(state: dict[str, Any], user_id: str, k: int) -> list[dict[str, Any]]:
+    u = state["users"].get(user_id)
+    seen = state["seen"]
+    history = (
+        [state["track_ids"][i] for i in seen.indices[seen.indptr[u] : seen.indptr[u + 1]]]
+        if u is not None
+        else []
+    )
+    out = state["signature"](**{HISTORY_INPUT: state["tf"].constant([history or [""]])})
+    query = out[HISTORY_OUTPUT].numpy()[0]
+    scores = (state["candidates"] @ query)[None, :]
+    rows = None if u is None else np.array([u])
+    idx, top = ranking.top_k(scores, k, exclude=None if u is None else seen, rows=rows)
+    return [
+        {"track_id": state["track_ids"][i], "score": s}
+        for i, s in zip(idx[0].tolist(), top[0].tolist(), strict=True)
+        if i >= 0
+    ]
 
 
 def create_app(artifact: Path) -> FastAPI:
@@ -26,20 +86,7 @@ def create_app(artifact: Path) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from tracktower.features.tf import tf
-
-        model = tf.saved_model.load(str(artifact / "saved_model"))
-        with np.load(artifact / "arrays.npz", allow_pickle=False) as arrays:
-            track_ids = arrays["track_ids"].astype(str)
-            indptr, indices = arrays["seen_indptr"], arrays["seen_indices"]
-            users = arrays["user_ids"].astype(str).tolist()
-        state["seen"] = {
-            user: set(track_ids[indices[indptr[u] : indptr[u + 1]]].tolist())
-            for u, user in enumerate(users)
-        }
-        state["model"] = model  # keeps the loaded object (and its variables) alive
-        state["signature"] = model.signatures["serving_default"]
-        state["tf"] = tf
+        _load(artifact, state)
         yield
         state.clear()
 
@@ -57,15 +104,7 @@ def create_app(artifact: Path) -> FastAPI:
 
     @app.get("/v1/users/{user_id}/recommendations")
     def recommendations(user_id: str, k: int = 10) -> dict[str, Any]:
-        tf = state["tf"]
-        out = state["signature"](user_id=tf.constant([user_id]))
-        ids = [t.decode() for t in out["track_ids"].numpy()[0].tolist()]
-        scores = out["scores"].numpy()[0].tolist()
-        seen = state["seen"].get(user_id, set())
-        items = [
-            {"track_id": t, "score": s} for t, s in zip(ids, scores, strict=True) if t not in seen
-        ]
-        return {"user_id": user_id, "items": items[:k]}
+        return {"user_id": user_id, "items": _recommend(state, user_id, k)}
 
     return app
 

@@ -33,11 +33,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tracktower.training.metrics import DEFAULT_KS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results" / "quality.json"
 EXPERIMENT = "tracktower-quality"
-KS = (10, 20, 50, 100)
 TABLE_METRICS = (
     *("recall_at_10", "recall_at_20", "recall_at_50", "recall_at_100"),
     *("ndcg_at_10", "ndcg_at_100"),
@@ -90,7 +91,7 @@ class BenchContext:
     quick: bool
     threads: int
     skip_two_tower: bool = False
-    ks: tuple[int, ...] = KS
+    ks: tuple[int, ...] = DEFAULT_KS
     params: dict[str, Any] = field(default_factory=dict)  # data/split params logged on each run
 
 
@@ -143,6 +144,9 @@ def _baseline(name: str) -> System:
             dataset_name=ctx.spec.name,
             params=ctx.params,
             ks=ctx.ks,
+            # The whole 80% train part: the pairs the two-tower entries exclude too (their train
+            # plus early-stopping slice is this part again), so the table's rows are comparable.
+            exclude=ctx.data.encoded.known,
             num_threads=ctx.threads,
             seed=ctx.seed,
             on_result=progress,
@@ -340,7 +344,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from tracktower.training.tracking import end_runs_on_sigterm
+    from tracktower.features.cli import end_runs_on_sigterm
 
     end_runs_on_sigterm()
     specs = dataset_specs(args.data_root)

@@ -87,14 +87,22 @@ def _fit_logged(
             cfg,
             data.encoded,
             data.track_artist,
-            on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+            on_epoch=lambda epoch, row: tracking.log_metrics(row, prefix="epoch_", step=epoch),
         )
         seconds = time.perf_counter() - started
         enc = data.encoded
+        # Train plus the early-stopping slice is the benchmark's whole train part: the same
+        # exclusion set the baselines are scored against.
         metrics = evaluate.evaluate_model(
-            result.model, result.table, result.known, enc.test, enc.test_unknown, list(ctx.ks)
+            result.model,
+            result.known,
+            enc.test,
+            enc.test_unknown,
+            list(ctx.ks),
+            exclude=result.known,
         )
         tracking.log_metrics(metrics, prefix="test_")
+        tracking.log_metrics(result.best_val)
         tracking.log_metrics({"fit_seconds": seconds, "best_epoch": result.best_epoch})
         tracking.log_recall_plot(metrics, title=f"{name} — {ctx.spec.name}")
     return result, metrics, seconds, run.info.run_id
@@ -134,7 +142,7 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     seconds = time.perf_counter() - started
     enc = warm_enc
     known = evaluate.evaluate_model(
-        result.model, result.table, result.known, enc.test, enc.test_unknown, list(ctx.ks)
+        result.model, result.known, enc.test, enc.test_unknown, list(ctx.ks), exclude=result.known
     )
     cold = holdout(
         full.interactions[is_cold].reset_index(drop=True),

@@ -11,29 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
+from tracktower.features.columns import ColumnMap
 from tracktower.features.errors import DataError
 
 __all__ = ["ColumnMap", "canonical_interactions", "check_ids", "dedupe_interactions"]
 
 _EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
-
-
-class ColumnMap(BaseModel):
-    """Names of the source columns, for files whose header differs from the canonical one.
-
-    ``weight=None`` picks ``weight``, else ``plays``, else weighs every row 1. ``timestamp=None``
-    picks ``timestamp``, else ``position`` (an ordering key such as a playlist index), else none.
-    An explicitly named column must exist.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    user: str = Field("user_id", min_length=1)
-    track: str = Field("track_id", min_length=1)
-    weight: str | None = Field(None, min_length=1)
-    timestamp: str | None = Field(None, min_length=1)
 
 
 def canonical_interactions(

@@ -1,45 +1,76 @@
-"""``tracktower data ...``: create a synthetic dataset or check a real one before training on it.
+"""The ``tracktower`` command line: a root that imports each command's package only when run.
 
-Also home of :func:`run_guarded`, which the root CLI wraps every command in, so that bad input
-anywhere ends as one ``error: ...`` line and exit code 2 rather than a traceback.
+The root lives in ``features``, the layer both sides share, and resolves subcommands lazily (a
+click group that imports ``tracktower.training.cli`` or ``tracktower.serving.cli`` on demand), so
+``tracktower serve`` never imports training code and ``tracktower --help`` imports neither
+TensorFlow nor MLflow. Bad input anywhere becomes one ``error: ...`` line and exit code 2
+(:func:`guarded`), whichever package the command comes from.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
+from typer.core import TyperGroup
 
-from tracktower.features.errors import DataError
+from tracktower.features.errors import DataError, one_line
 
-__all__ = ["EXIT_BAD_INPUT", "app", "error_line", "guarded", "run_guarded"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "app",
+    "end_runs_on_sigterm",
+    "guarded",
+    "main",
+    "run_guarded",
+    "setup_logging",
+]
 
 EXIT_BAD_INPUT = 2
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-app = typer.Typer(
-    name="data",
-    help="Create synthetic data or validate an interactions file.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+# Command name -> "module:typer app" that defines it; imported only when that command runs.
+LAZY_COMMANDS = {
+    "train": "tracktower.training.cli:app",
+    "evaluate": "tracktower.training.cli:app",
+    "register": "tracktower.training.cli:app",
+    "baseline": "tracktower.training.baselines.cli:baseline_command",
+    "recommend": "tracktower.serving.cli:app",
+    "serve": "tracktower.serving.cli:app",
+}
 
 
-def error_line(exc: DataError | ValidationError) -> str:
-    """One line for a user: the DataError text, or the first pydantic error with its field path."""
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or exc.title
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        return f"{field}: {first['msg']}{more}"
-    return " ".join(str(exc).split())
+class LazyGroup(TyperGroup):
+    """Click's documented lazy-loading pattern: list every command, import one when asked.
+
+    An entry is a typer app holding the command (several commands may share one app) or a bare
+    command function."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*super().list_commands(ctx), *LAZY_COMMANDS]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in LAZY_COMMANDS:
+            return super().get_command(ctx, cmd_name)
+        module, attr = LAZY_COMMANDS[cmd_name].split(":")
+        target = getattr(importlib.import_module(module), attr)
+        if not isinstance(target, typer.Typer):  # a bare command function
+            single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+            single.command(cmd_name)(target)
+            target = single
+        command = typer.main.get_command(target)
+        if isinstance(command, TyperGroup):
+            return command.get_command(ctx, cmd_name)
+        return command
 
 
 def run_guarded(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
@@ -47,7 +78,7 @@ def run_guarded(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     try:
         return func(*args, **kwargs)
     except (DataError, ValidationError) as exc:
-        typer.echo(f"error: {error_line(exc)}", err=True)
+        typer.echo(f"error: {one_line(exc)}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -61,7 +92,75 @@ def guarded(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-@app.command()
+def setup_logging(verbose: bool) -> None:
+    """INFO lines with times for long jobs; the libraries' own chatter only when it matters."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("mlflow", "alembic", "urllib3", "git", "absl", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Keras warns that subclassed towers have no get_config; export uses SavedModel signatures.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"tracktower {metadata.version('tracktower')}")
+        raise typer.Exit()
+
+
+app = typer.Typer(
+    name="tracktower",
+    cls=LazyGroup,
+    help="Two-tower music recommender: data, train, evaluate, register, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    name="data",
+    help="Create synthetic data or validate an interactions file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Two-tower music recommender: data, train, evaluate, register, serve."""
+
+
+def end_runs_on_sigterm() -> None:
+    """Make SIGTERM (a scheduler's kill, ``pkill``) unwind like Ctrl-C, so an MLflow run in
+    progress ends KILLED instead of staying RUNNING forever. Entry points call it; the library
+    never does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def main() -> None:
+    """Console entry point (``tracktower``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    end_runs_on_sigterm()
+    app()
+
+
+@data_app.command()
 @guarded
 def synth(
     out: Annotated[Path, typer.Option(help="Directory for interactions.parquet + tracks.parquet.")],
@@ -82,7 +181,7 @@ def synth(
     typer.echo(f"wrote {tracks_path} ({len(meta)} tracks with title, artist, album, genre, year)")
 
 
-@app.command()
+@data_app.command()
 @guarded
 def validate(
     path: Annotated[

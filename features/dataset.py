@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from tracktower.features.errors import DataError
 from tracktower.features.split import Split
 
-__all__ = ["Encoded", "encode", "encode_ids", "fingerprint", "popularity"]
+__all__ = ["Encoded", "encode", "encode_ids", "fingerprint", "popularity", "popularity_order"]
 
 _FINGERPRINT_VERSION = b"tracktower-interactions-v1\0"
 
@@ -86,6 +86,12 @@ class Encoded:
     tracks: pd.DataFrame | None = None  # metadata row i = track index i (NaN when unknown)
 
     @property
+    def known(self) -> sp.csr_matrix:
+        """Everything a model is given about each user (train + validation): its history at
+        inference and what every system's test lists exclude alike."""
+        return sp.csr_matrix(self.train + self.val)
+
+    @property
     def n_users(self) -> int:
         return len(self.user_ids)
 
@@ -140,6 +146,13 @@ def popularity(train: sp.csr_matrix) -> np.ndarray:
     return np.bincount(csr.indices, minlength=csr.shape[1]).astype(np.int64)
 
 
+def popularity_order(counts: np.ndarray) -> np.ndarray:
+    """Track indices (int64), most popular first, ties by lower index: the one order shared by
+    the Popularity baseline and the artifact's ``popular`` array, so both rank ties alike."""
+    counts = np.asarray(counts)
+    return np.lexsort((np.arange(len(counts)), -counts)).astype(np.int64)
+
+
 def _weights(df: pd.DataFrame) -> np.ndarray:
     if "weight" in df:
         return df["weight"].to_numpy(dtype=np.float32)
@@ -165,3 +178,32 @@ def _held_out(
     keep = known_user & (t >= 0)
     weights = _weights(df)[keep] if len(df) else np.zeros(0, np.float32)
     return _csr(u[keep], t[keep], weights, shape), unknown
+
+
+def reindex(
+    matrix: sp.csr_matrix,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    shape: tuple[int, int],
+    unknown: np.ndarray | None = None,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``matrix`` moved onto another vocabulary: row ``r`` becomes ``rows[r]``, column ``c``
+    becomes ``cols[c]`` (``-1`` = absent there).
+
+    Rows absent from the target are dropped. Entries whose column is absent are counted per target
+    row in the returned ``unknown`` (plus the per-row ``unknown`` passed in), the same convention
+    as :func:`encode`: held-out tracks a model cannot know still count in recall's denominator.
+    """
+    coo = sp.csr_matrix(matrix).tocoo()
+    new_rows = np.asarray(rows, dtype=np.int64)[coo.row]
+    new_cols = np.asarray(cols, dtype=np.int64)[coo.col]
+    kept_row = new_rows >= 0
+    out_unknown = np.bincount(new_rows[kept_row & (new_cols < 0)], minlength=shape[0])
+    if unknown is not None:
+        moved = np.asarray(rows, dtype=np.int64) >= 0
+        out_unknown += np.bincount(
+            np.asarray(rows)[moved], weights=np.asarray(unknown)[moved], minlength=shape[0]
+        ).astype(np.int64)
+    keep = kept_row & (new_cols >= 0)
+    out = _csr(new_rows[keep], new_cols[keep], coo.data[keep], shape)
+    return out, out_unknown.astype(np.int64)

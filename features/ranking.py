@@ -10,14 +10,14 @@ every remaining candidate excluded) hold index ``-1`` and score ``-inf``; caller
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["SCORE_BUDGET", "exclude_mask", "score_chunks", "top_k"]
+__all__ = ["SCORE_BUDGET", "score_chunks", "top_k", "top_k_chunks"]
 
-# Scores per block in score_chunks: 16M float32 (64 MB) plus argpartition's int64 indices (128 MB).
+# Scores per block in top_k_chunks: 16M float32 (64 MB) plus argpartition's int64 indices (128 MB).
 SCORE_BUDGET = 1 << 24
 _TIE_FIX_ROWS = 64  # rows per block when resolving boundary ties exactly (bounds the cumsum memory)
 
@@ -49,7 +49,7 @@ def _top_k_inplace(
     batch, n = s.shape
     np.copyto(s, -np.inf, where=np.isnan(s))
     if exclude is not None:
-        r, c = exclude_mask(exclude, rows, batch, n)
+        r, c = _exclude_mask(exclude, rows, batch, n)
         s[r, c] = -np.inf
     kk = min(k, n)
     if kk == 0:
@@ -70,7 +70,7 @@ def _top_k_inplace(
     return idx, top
 
 
-def exclude_mask(
+def _exclude_mask(
     exclude: sp.csr_matrix, rows: np.ndarray | None, batch: int, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(score row, candidate) coordinates of the stored entries of ``exclude[rows]``."""
@@ -118,20 +118,59 @@ def score_chunks(
     chunk: int = 1024,
     rows: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Top-k of ``queries @ candidates.T`` in row blocks of ``chunk``, in query order.
+    """Top-k of ``queries @ candidates.T`` in row blocks (see :func:`top_k_chunks`), in query
+    order. ``exclude`` rows align with ``queries`` unless ``rows`` maps query ``i`` to ``exclude``
+    row ``rows[i]``."""
+    q = np.asarray(queries, dtype=np.float32)
+    cand_t = np.ascontiguousarray(np.asarray(candidates, dtype=np.float32).T)
+    return top_k_chunks(
+        lambda block: q[block] @ cand_t, q.shape[0], cand_t.shape[1], k, exclude, chunk, rows
+    )
 
-    Memory stays bounded however many queries there are: a block holds at most ``chunk`` rows and
-    at most :data:`SCORE_BUDGET` scores (fewer rows when there are many candidates). ``exclude``
-    rows align with ``queries`` unless ``rows`` maps query ``i`` to ``exclude`` row ``rows[i]``.
+
+def top_k_chunks(
+    scorer: Callable[[slice], np.ndarray],
+    n_rows: int,
+    n_candidates: int,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    chunk: int = 1024,
+    rows: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`top_k` of ``n_rows`` score rows that ``scorer(slice)`` produces block by block.
+
+    The one place that decides how many rows are scored at once, so the two-tower evaluation, the
+    baselines and the server share one memory bound: a block holds at most ``chunk`` rows and at
+    most :data:`SCORE_BUDGET` scores (fewer rows when there are many candidates), however many rows
+    there are. ``scorer`` must return a new float32 ``[len(block), n_candidates]`` array: it is
+    overwritten in place. ``exclude`` row ``i`` belongs to score row ``i`` unless ``rows[i]`` says
+    otherwise.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    q = np.asarray(queries, dtype=np.float32)
-    cand_t = np.ascontiguousarray(np.asarray(candidates, dtype=np.float32).T)
-    chunk = max(1, min(chunk, SCORE_BUDGET // max(cand_t.shape[1], 1)))
+    chunk = max(1, min(chunk, SCORE_BUDGET // max(n_candidates, 1)))
     if exclude is not None and rows is None:
-        rows = np.arange(q.shape[0])
-    for start in range(0, q.shape[0], chunk):
-        stop = min(start + chunk, q.shape[0])
-        block_rows = rows[start:stop] if rows is not None else None
-        yield _top_k_inplace(q[start:stop] @ cand_t, k, exclude, block_rows)
+        rows = np.arange(n_rows)
+    elif rows is not None:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    return _blocks(scorer, n_rows, n_candidates, k, exclude, chunk, rows)
+
+
+def _blocks(
+    scorer: Callable[[slice], np.ndarray],
+    n_rows: int,
+    n_candidates: int,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    chunk: int,
+    rows: np.ndarray | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The generator behind :func:`top_k_chunks`, kept apart so bad arguments fail at the call."""
+    for start in range(0, n_rows, chunk):
+        block = slice(start, min(start + chunk, n_rows))
+        scores = np.asarray(scorer(block), dtype=np.float32)
+        want = (block.stop - start, n_candidates)
+        if scores.shape != want:
+            raise ValueError(f"scorer returned shape {scores.shape} for a block of shape {want}")
+        block_rows = rows[block] if rows is not None else None
+        yield _top_k_inplace(scores, k, exclude, block_rows)

@@ -9,6 +9,7 @@ while popularity stays a fair baseline (as on real music data), so a broken mode
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,48 +59,8 @@ def generate(
     if not 0.0 <= noise <= 1.0 or not 0.0 <= second_genre_share <= 1.0:
         raise DataError("noise and second_genre_share must be in [0, 1]")
     rng = np.random.default_rng(seed)
-
-    n_artists = int(np.clip(round(tracks / tracks_per_artist), genres, tracks))
-    sizes = 1 + rng.multinomial(tracks - n_artists, _normalise(rng.lognormal(0, 0.6, n_artists)))
-    track_artist = np.repeat(np.arange(n_artists), sizes)
-    artist_genre = rng.permutation(np.arange(n_artists) % genres)
-    track_genre = artist_genre[track_artist]
-
-    genre_pop = _normalise(1.0 / np.arange(1, genres + 1) ** 0.6)
-    # Zipf within each genre over a ranking driven by artist popularity and per-track luck.
-    appeal = rng.lognormal(0, 0.8, n_artists)[track_artist] * rng.lognormal(0, 1.0, tracks)
-    by_genre = np.lexsort((-appeal, track_genre))
-    genre_start = np.searchsorted(track_genre[by_genre], np.arange(genres))
-    rank_in_genre = np.arange(tracks) - genre_start[track_genre[by_genre]]
-    within = np.empty(tracks)
-    within[by_genre] = 1.0 / (rank_in_genre + 1.0) ** zipf_exponent
-    within /= np.bincount(track_genre, weights=within)[track_genre]
-    global_pop = within * genre_pop[track_genre]
-
-    # Users: a primary genre, maybe a secondary one, a primary share and a long-tailed activity.
-    primary = rng.choice(genres, size=users, p=genre_pop)
-    secondary = rng.choice(genres, size=users, p=genre_pop)
-    has_second = (rng.random(users) < second_genre_share) & (secondary != primary) & (genres > 1)
-    primary_share = np.where(has_second, rng.uniform(0.55, 0.85, users), 1.0)
-    activity = np.clip(np.rint(rng.lognormal(np.log(median_interactions), 0.8, users)), 3, None)
-    activity = np.minimum(activity, max(3, tracks // 4)).astype(np.int64)
-
-    user = np.repeat(np.arange(users), activity)
-    roll = rng.random(len(user))
-    genre = np.where(roll < primary_share[user], primary[user], secondary[user])
-    is_noise = rng.random(len(user)) < noise
-    track = np.empty(len(user), dtype=np.int64)
-    track[~is_noise] = _sample_within(by_genre, within, track_genre, genre[~is_noise], rng)
-    track[is_noise] = _sample(np.cumsum(global_pop), int(is_noise.sum()), rng)
-
-    events = pd.DataFrame(
-        {
-            "user": user,
-            "track": track,
-            "plays": rng.geometric(0.35, len(user)).astype(np.float64),
-            "timestamp": _EPOCH_2024 + rng.integers(0, 365 * 86_400, len(user)),
-        }
-    )
+    cat = _catalogue(rng, tracks, genres, tracks_per_artist, zipf_exponent)
+    events = _events(rng, cat, users, tracks, median_interactions, noise, second_genre_share)
     pairs = events.groupby(["user", "track"], sort=True).agg(
         weight=("plays", "sum"), timestamp=("timestamp", "max")
     )
@@ -118,8 +79,83 @@ def generate(
         }
     )
     interactions = interactions.astype({"user_id": "str", "track_id": "str"})
-    meta = _metadata(rng, t_width, track_artist, track_genre, n_artists, genres)
+    meta = _metadata(rng, t_width, cat.track_artist, cat.track_genre, cat.n_artists, genres)
     return interactions.reset_index(drop=True), meta
+
+
+@dataclass(frozen=True)
+class _Catalogue:
+    track_artist: np.ndarray
+    track_genre: np.ndarray
+    n_artists: int
+    genre_pop: np.ndarray
+    by_genre: np.ndarray
+    within: np.ndarray
+    global_pop: np.ndarray
+
+
+def _catalogue(
+    rng: np.random.Generator,
+    tracks: int,
+    genres: int,
+    tracks_per_artist: float,
+    zipf_exponent: float,
+) -> _Catalogue:
+    """Artists, their genres, and each track's popularity within its genre and overall."""
+    n_artists = int(np.clip(round(tracks / tracks_per_artist), genres, tracks))
+    sizes = 1 + rng.multinomial(tracks - n_artists, _normalise(rng.lognormal(0, 0.6, n_artists)))
+    track_artist = np.repeat(np.arange(n_artists), sizes)
+    artist_genre = rng.permutation(np.arange(n_artists) % genres)
+    track_genre = artist_genre[track_artist]
+
+    genre_pop = _normalise(1.0 / np.arange(1, genres + 1) ** 0.6)
+    # Zipf within each genre over a ranking driven by artist popularity and per-track luck.
+    appeal = rng.lognormal(0, 0.8, n_artists)[track_artist] * rng.lognormal(0, 1.0, tracks)
+    by_genre = np.lexsort((-appeal, track_genre))
+    genre_start = np.searchsorted(track_genre[by_genre], np.arange(genres))
+    rank_in_genre = np.arange(tracks) - genre_start[track_genre[by_genre]]
+    within = np.empty(tracks)
+    within[by_genre] = 1.0 / (rank_in_genre + 1.0) ** zipf_exponent
+    within /= np.bincount(track_genre, weights=within)[track_genre]
+    global_pop = within * genre_pop[track_genre]
+    return _Catalogue(track_artist, track_genre, n_artists, genre_pop, by_genre, within, global_pop)
+
+
+def _events(
+    rng: np.random.Generator,
+    cat: _Catalogue,
+    users: int,
+    tracks: int,
+    median_interactions: float,
+    noise: float,
+    second_genre_share: float,
+) -> pd.DataFrame:
+    """Listening events: a primary genre, maybe a secondary one, a long-tailed activity."""
+    genres = len(cat.genre_pop)
+    primary = rng.choice(genres, size=users, p=cat.genre_pop)
+    secondary = rng.choice(genres, size=users, p=cat.genre_pop)
+    has_second = (rng.random(users) < second_genre_share) & (secondary != primary) & (genres > 1)
+    primary_share = np.where(has_second, rng.uniform(0.55, 0.85, users), 1.0)
+    activity = np.clip(np.rint(rng.lognormal(np.log(median_interactions), 0.8, users)), 3, None)
+    activity = np.minimum(activity, max(3, tracks // 4)).astype(np.int64)
+
+    user = np.repeat(np.arange(users), activity)
+    roll = rng.random(len(user))
+    genre = np.where(roll < primary_share[user], primary[user], secondary[user])
+    is_noise = rng.random(len(user)) < noise
+    track = np.empty(len(user), dtype=np.int64)
+    track[~is_noise] = _sample_within(
+        cat.by_genre, cat.within, cat.track_genre, genre[~is_noise], rng
+    )
+    track[is_noise] = _sample(np.cumsum(cat.global_pop), int(is_noise.sum()), rng)
+    return pd.DataFrame(
+        {
+            "user": user,
+            "track": track,
+            "plays": rng.geometric(0.35, len(user)).astype(np.float64),
+            "timestamp": _EPOCH_2024 + rng.integers(0, 365 * 86_400, len(user)),
+        }
+    )
 
 
 def write(out_dir: str | Path, **kwargs: Any) -> tuple[Path, Path]:

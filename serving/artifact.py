@@ -17,24 +17,24 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
 
 from tracktower.features import ranking
-from tracktower.features.errors import DataError
-from tracktower.serving.loader import (
+from tracktower.features.artifact import (
     Manifest,
-    load_arrays,
-    load_history_tower,
-    load_manifest,
-    load_metadata,
+    read_arrays,
+    read_manifest,
+    read_track_metadata,
 )
+from tracktower.features.errors import DataError
+from tracktower.serving.loader import load_history_tower
+from tracktower.serving.schemas import Source
 
 log = logging.getLogger(__name__)
 
-Source = Literal["model", "popular", "session"]
 # Upper bound on users x precompute_k kept in memory (8 bytes per entry); see Settings.
 PRECOMPUTE_MAX_ENTRIES = 50_000_000
 
@@ -72,23 +72,26 @@ class Recommender:
         artists: list[str | None],
         history_tower: Callable[[list[str]], np.ndarray] | None,
     ) -> None:
+        # ``arrays`` follow the artifact contract (read_arrays checked them), usually as read-only
+        # memory maps, used in place: ascontiguousarray is a no-op on a C-contiguous float32 map
+        # and the seen CSR shares seen_indices; it allocates only its data (nnz float32 ones).
         self.path = path
         self.manifest = manifest
-        self.track_ids: np.ndarray = arrays["track_ids"].astype(str)
-        self.user_ids: np.ndarray = arrays["user_ids"].astype(str)
+        self.track_ids: np.ndarray = arrays["track_ids"]
+        self.user_ids: np.ndarray = arrays["user_ids"]
         self.track_embeddings = np.ascontiguousarray(arrays["track_embeddings"], dtype=np.float32)
         self.user_embeddings = np.ascontiguousarray(arrays["user_embeddings"], dtype=np.float32)
         n, u = len(self.track_ids), len(self.user_ids)
         self.seen = sp.csr_matrix(
             (
                 np.ones(len(arrays["seen_indices"]), dtype=np.float32),
-                arrays["seen_indices"].astype(np.int32),
-                arrays["seen_indptr"].astype(np.int64),
+                arrays["seen_indices"],
+                arrays["seen_indptr"],
             ),
             shape=(u, n),
         )
-        self.popular = arrays["popular"].astype(np.int64)
-        self.popular_scores = arrays["popular_scores"].astype(np.float32)
+        self.popular: np.ndarray = arrays["popular"]
+        self.popular_scores: np.ndarray = arrays["popular_scores"]
         self._popular_list: list[int] = self.popular.tolist()
         self._track_list: list[str] = self.track_ids.tolist()
         self._titles = titles
@@ -110,7 +113,8 @@ class Recommender:
         precompute_k: int = 0,
         precompute_max_entries: int = PRECOMPUTE_MAX_ENTRIES,
     ) -> Recommender:
-        """Read an artifact directory; ``history_tower=False`` skips TensorFlow (batch, pyfunc).
+        """Read an artifact directory (arrays memory-mapped); ``history_tower=False`` skips
+        TensorFlow (batch, pyfunc).
 
         ``precompute_k > 0`` ranks every known user's top ``precompute_k`` now (the server passes
         its ``max_k``), unless users x k exceeds ``precompute_max_entries``.
@@ -118,9 +122,9 @@ class Recommender:
         path = Path(path)
         if not path.is_dir():
             raise DataError("artifact directory does not exist", path=path)
-        manifest = load_manifest(path)
-        arrays = load_arrays(path, manifest.embedding_dim)
-        titles, artists = load_metadata(path, arrays["track_ids"])
+        manifest = read_manifest(path)
+        arrays = read_arrays(path, manifest, mmap=True)
+        titles, artists = read_track_metadata(path, arrays["track_ids"])
         tower = None
         if history_tower and manifest.has_history_tower:
             tower = load_history_tower(path)

@@ -5,60 +5,61 @@ error line (DataError, exit 2) instead of a traceback from every worker, and an 
 its concrete version so all workers load the same model even if the alias moves during startup.
 Options reach the workers as ``TRACKTOWER_*`` environment variables (see settings.py).
 
-Both commands render DataError themselves (``error: <line>`` on stderr, exit 2) because serving
-cannot import the root CLI's guard from training, and must behave the same however it is mounted.
+Bad input (a missing model, a bad ``TRACKTOWER_*`` variable) is one ``error: <line>`` on stderr
+and exit 2, through the root CLI's guard (``tracktower.features.cli.guarded``), which lives in the
+shared layer so that serving never imports training.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from tracktower.features.errors import DataError
+from tracktower.features.cli import guarded
+from tracktower.features.errors import DataError, one_line
 from tracktower.serving.settings import Settings
 
-app = typer.Typer(help="Serve or batch-score an exported tracktower model.", no_args_is_help=True)
+app = typer.Typer(
+    help="Serve or batch-score an exported tracktower model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
 MODEL_HELP = (
     "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a local artifact/model "
     "directory (default: $TRACKTOWER_MODEL_URI, else models:/tracktower@champion)"
 )
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
-
-def _guarded(command: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(command)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except DataError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return run
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI for models:/ and runs:/ URIs (default: "
+        "$TRACKTOWER_TRACKING_URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
-@_guarded
+@guarded
 def serve(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP, show_default=False)] = None,
     host: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default: 8000)")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (default: 1)")] = None,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Run the HTTP API (uvicorn) for a registered or local model."""
     import uvicorn
 
     from tracktower.serving.resolve import resolve_artifact
 
-    overrides = {"host": host, "port": port, "workers": workers}
+    overrides = {"host": host, "port": port, "workers": workers, "tracking_uri": tracking_uri}
     for name, value in overrides.items():
         if value is not None:
             os.environ[f"TRACKTOWER_{name.upper()}"] = str(value)
@@ -85,7 +86,7 @@ def serve(
 
 
 @app.command()
-@_guarded
+@guarded
 def recommend(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP, show_default=False)] = None,
     *,
@@ -94,13 +95,15 @@ def recommend(
     ],
     k: Annotated[int, typer.Option(min=1, help="Tracks per user")] = 10,
     output: Annotated[Path, typer.Option(help="Parquet file to write")],
+    tracking_uri: TrackingOpt = None,
 ) -> None:
     """Write top-k recommendations for every listed user to Parquet."""
     from tracktower.serving.batch import recommend_to_parquet
     from tracktower.serving.resolve import resolve_artifact
 
     base = _settings()
-    resolved = resolve_artifact(model or base.model_uri, tracking_uri=base.tracking_uri)
+    uri = tracking_uri or base.tracking_uri
+    resolved = resolve_artifact(model or base.model_uri, tracking_uri=uri)
     rows = recommend_to_parquet(resolved, users, k, output)
     typer.echo(f"wrote {rows} rows to {output} ({_describe(resolved.name, resolved.version)})")
 
@@ -124,10 +127,7 @@ def _settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = "_".join(str(p) for p in first["loc"]).upper()
-        prefix = f"TRACKTOWER_{loc}: " if loc else "TRACKTOWER_* settings: "
-        raise DataError(prefix + first["msg"]) from None
+        raise DataError(one_line(exc, env_prefix="TRACKTOWER_")) from None
 
 
 def _describe(name: str | None, version: str | None) -> str:

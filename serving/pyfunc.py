@@ -6,30 +6,26 @@ runs) and never loads the TensorFlow history tower: pyfunc inputs carry user ids
 
 from __future__ import annotations
 
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from tracktower.features.artifact import PYFUNC_ARTIFACT_KEY
 from tracktower.features.errors import DataError
 
 OUTPUT_COLUMNS = ["user_id", "rank", "track_id", "score", "source"]
 DEFAULT_K = 10
-ARTIFACT_KEY = "artifact"
-# What load_context needs; listed explicitly because MLflow's inference of requirements loads the
-# model in a subprocess, which is slow and would miss the tracktower package itself.
-_RUNTIME_PACKAGES = ("numpy", "pandas", "pyarrow", "scipy", "pydantic", "mlflow")
 
 
 class TracktowerModel(PythonModel):
     def load_context(self, context: Any) -> None:
         from tracktower.serving.artifact import Recommender
 
-        self.recommender = Recommender.load(context.artifacts[ARTIFACT_KEY], history_tower=False)
+        self.recommender = Recommender.load(
+            context.artifacts[PYFUNC_ARTIFACT_KEY], history_tower=False
+        )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -82,20 +78,4 @@ def model_signature() -> Any:
             ]
         ),
         params=ParamSchema([ParamSpec("k", "long", DEFAULT_K)]),
-    )
-
-
-def log_model(
-    artifact_dir: str | Path, *, name: str = "model", registered_model_name: str | None = None
-) -> Any:
-    """Log the artifact directory as a pyfunc model in the active run (for training's export)."""
-    requirements = [f"{pkg}=={metadata.version(pkg)}" for pkg in _RUNTIME_PACKAGES]
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=TracktowerModel(),
-        artifacts={ARTIFACT_KEY: str(artifact_dir)},
-        signature=model_signature(),
-        input_example=pd.DataFrame({"user_id": ["an-unknown-user"]}),
-        pip_requirements=requirements,
-        registered_model_name=registered_model_name,
     )

@@ -10,12 +10,12 @@ MLflow is imported inside the functions: a local directory never pays for it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tracktower.features.artifact import MANIFEST_FILE, PYFUNC_ARTIFACT_KEY, read_manifest
 from tracktower.features.errors import DataError
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -24,7 +24,7 @@ _RUNS_URI = re.compile(r"^runs:/(?P<run_id>[^/]+)/(?P<name>[^/]+)(?:/(?P<rest>.*
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    path: Path  # directory containing manifest.json
+    path: Path  # the artifact directory (holds manifest.json)
     name: str | None
     version: str | None
     uri: str
@@ -126,33 +126,29 @@ def _download(uri: str, tracking_uri: str | None, dst_path: str | Path | None) -
 
 
 def _from_local(path: Path, uri: str) -> ResolvedModel:
+    """Checked here (format version included) so a bad model fails before anything else loads."""
     artifact = _locate(path)
-    try:
-        manifest = json.loads((artifact / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"unreadable manifest ({_reason(exc)})", path=artifact) from exc
-    name = manifest.get("model_name") if isinstance(manifest, dict) else None
-    version = manifest.get("model_version") if isinstance(manifest, dict) else None
-    return ResolvedModel(
-        artifact.resolve(),
-        str(name) if name is not None else None,
-        str(version) if version is not None else None,
-        uri,
-    )
+    manifest = read_manifest(artifact)
+    return ResolvedModel(artifact.resolve(), manifest.model_name, manifest.model_version, uri)
 
 
 def _locate(path: Path) -> Path:
     """The artifact dir itself, or the one logged inside a pyfunc model's ``artifacts/``."""
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST_FILE).is_file():
         return path
     mlmodel = path / "MLmodel"
     if mlmodel.is_file():
         declared = _declared_artifact(mlmodel)
-        if declared is not None and (path / declared / "manifest.json").is_file():
+        if declared is not None and (path / declared / MANIFEST_FILE).is_file():
             return path / declared
-        found = sorted((path / "artifacts").glob("*/manifest.json"))
+        # Hidden names are write_artifact's staging directories, never artifacts.
+        found = sorted(
+            m.parent
+            for m in (path / "artifacts").glob(f"*/{MANIFEST_FILE}")
+            if not m.parent.name.startswith(".")
+        )
         if found:
-            return found[0].parent
+            return found[0]
         raise DataError("MLflow model has no tracktower artifact under artifacts/", path=path)
     raise DataError("neither an artifact (manifest.json) nor an MLflow model (MLmodel)", path=path)
 
@@ -162,7 +158,7 @@ def _declared_artifact(mlmodel: Path) -> str | None:
 
     try:
         spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
-        entry = spec["flavors"]["python_function"]["artifacts"]["artifact"]
+        entry = spec["flavors"]["python_function"]["artifacts"][PYFUNC_ARTIFACT_KEY]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None
     value = entry.get("path") if isinstance(entry, dict) else None

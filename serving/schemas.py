@@ -11,6 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tracktower.features.artifact import DatasetInfo
+
+# Where a recommendation came from: the known user's embedding, the history tower (a session of
+# recent tracks), or the popularity fallback. The one definition; serving.artifact imports it.
 Source = Literal["model", "popular", "session"]
 
 
@@ -60,11 +64,11 @@ class BatchResponse(BaseModel):
     results: list[BatchResult]
 
 
-class DatasetSummary(BaseModel):
-    fingerprint: str
-    rows: int
-    users: int
-    tracks: int
+class DatasetSummary(DatasetInfo):
+    """The manifest's dataset fields; extra manifest keys (e.g. a local source path) are dropped,
+    so the API's shape does not change with what an export happens to record."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class ModelSummary(BaseModel):

@@ -1,120 +1,198 @@
-"""The ``tracktower`` command line: one root app, each command importing its heavy parts lazily.
+"""``tracktower train``, ``tracktower evaluate`` and ``tracktower register``: the training stages
+(:mod:`tracktower.training.stages`) as commands.
 
-``tracktower --help`` must not import TensorFlow or MLflow; each command pulls in what it needs.
-Bad input anywhere becomes one ``error: ...`` line on stderr and exit code 2.
+The root command line (:mod:`tracktower.features.cli`) imports this module only for these
+commands. Heavy imports stay inside the commands, and the data is read and validated before
+TensorFlow is imported, so a bad file is reported in about a second.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
-from tracktower.features.cli import app as data_app
-from tracktower.features.cli import run_guarded
+from tracktower.features.cli import guarded, setup_logging
 
-app = typer.Typer(
-    name="tracktower",
-    help="Two-tower music recommender: train, evaluate, register, serve.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-app.add_typer(data_app, name="data")
+if TYPE_CHECKING:
+    from tracktower.training.config import ExperimentConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(help="Experiment YAML (validated; see configs/). Default: configs/default.yaml."),
+]
+InteractionsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Interactions: Parquet file/dir, CSV/TSV, or a directory of MPD slices."),
+]
+TracksOpt = Annotated[Path | None, typer.Option(help="Optional track metadata file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override any config field, e.g. --set train.epochs=5."),
+]
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)."),
+]
+PromoteOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--promote/--no-promote",
+        help="Move the champion alias unconditionally, or never (default: the champion policy).",
+        show_default=False,
+    ),
+]
+SummaryOpt = Annotated[
+    Path | None, typer.Option(help="Write run id, model URI, champion and metrics as JSON.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+
+DEFAULT_CONFIG = Path("configs/default.yaml")
 
 
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("mlflow", "alembic", "urllib3", "git", "absl", "h5py", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Keras warns that subclassed towers have no get_config; export uses SavedModel signatures.
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+def experiment_config(
+    config: Path | None,
+    overrides: list[str] | None,
+    interactions: Path | None = None,
+    tracks: Path | None = None,
+    **fields: object,
+) -> ExperimentConfig:
+    """The experiment config with the command's flags applied as ``--set`` overrides (after the
+    user's own ``--set``s, so a flag wins); ``configs/default.yaml`` when no file is named and it
+    exists, so the commands work from the repository root and anywhere else."""
+    from tracktower.training.config import load_config
+
+    if config is None and DEFAULT_CONFIG.is_file():
+        config = DEFAULT_CONFIG
+    flags = {"data.interactions": interactions, "data.tracks": tracks, **fields}
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    return load_config(config, [*(overrides or []), *extra])
 
 
 @app.command()
+@guarded
 def train(
-    config: Annotated[Path, typer.Option(help="Experiment YAML (validated; see configs/).")] = Path(
-        "configs/default.yaml"
-    ),
-    interactions: Annotated[
-        Path | None,
-        typer.Option(help="Interactions: Parquet file/dir, CSV/TSV, or a directory of MPD slices."),
+    config: ConfigOpt = None,
+    interactions: InteractionsOpt = None,
+    tracks: TracksOpt = None,
+    set_: SetOpt = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="MLflow run name (default: derived).")
     ] = None,
-    tracks: Annotated[Path | None, typer.Option(help="Optional track metadata file.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override any config field, e.g. --set train.epochs=5."),
-    ] = None,
-    summary: Annotated[
-        Path | None, typer.Option(help="Write run id, model URI, champion and metrics as JSON.")
-    ] = None,
+    tracking_uri: TrackingOpt = None,
+    summary: SummaryOpt = None,
     final: Annotated[
         bool,
         typer.Option(help="Production retrain: no test split, alias unchanged unless --promote."),
     ] = False,
-    promote: Annotated[
-        bool, typer.Option(help="Move the champion alias to this version unconditionally.")
-    ] = False,
+    promote: PromoteOpt = None,
     baseline: Annotated[
-        bool, typer.Option(help="Also log the popularity baseline run on the same split.")
+        bool, typer.Option(help="Log the popularity baseline (once per dataset and split).")
     ] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train the two-tower model, evaluate it, export it and register it in MLflow."""
+    from tracktower.training import tracking
 
-    def work() -> None:
-        from tracktower.training.config import load_config
+    cfg = experiment_config(
+        config, set_, interactions, tracks, experiment=experiment, run_name=run_name
+    )
+    setup_logging(verbose)
+    tracking.configure(tracking_uri)
+    from tracktower.training import stages
 
-        overrides = list(set_ or [])
-        if interactions is not None:
-            overrides.append(f"data.interactions={interactions}")
-        if tracks is not None:
-            overrides.append(f"data.tracks={tracks}")
-        cfg = load_config(config, overrides)
-        _logging(verbose)
-        from tracktower.training.run import train_and_register
-
-        result = train_and_register(
-            cfg,
-            config_path=config,
-            final=final,
-            promote=True if promote else None,
-            baseline=baseline,
-        )
-        if summary is not None:
-            result.write(summary)
-        typer.echo(
-            f"run {result.run_id}: {result.model_uri} "
-            f"(champion {'moved' if result.champion else 'unchanged'}: {result.champion_reason})"
-        )
-        for name, value in result.metrics.items():
-            typer.echo(f"  test {name:16s} {value:.4f}")
-
-    run_guarded(work)
+    result = stages.train(
+        cfg,
+        config_path=config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
+        final=final,
+        promote=promote,
+        baseline=baseline,
+    )
+    if summary is not None:
+        result.write(summary)
+    typer.echo(
+        f"run {result.run_id}: {result.model_uri} "
+        f"(champion {'moved' if result.champion else 'unchanged'}: {result.champion_reason})"
+    )
+    for name, value in result.metrics.items():
+        typer.echo(f"  test {name:16s} {value:.4f}")
 
 
-def _register_optional_commands() -> None:
-    """Baseline and serving commands live in their own packages; serving never imports training."""
-    from tracktower.serving.cli import recommend, serve
-    from tracktower.training.baselines.runner import baseline_command
-
-    app.command("baseline")(baseline_command)
-    app.command("recommend")(recommend)
-    app.command("serve")(serve)
+MODEL_HELP = (
+    "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a local artifact directory"
+)
 
 
-def main() -> None:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    _register_optional_commands()
-    from tracktower.training.tracking import end_runs_on_sigterm
+@app.command()
+@guarded
+def evaluate(
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "models:/tracktower@champion",
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Experiment YAML (default: the config the model was trained with)."),
+    ] = None,
+    interactions: InteractionsOpt = None,
+    tracks: TracksOpt = None,
+    set_: SetOpt = None,
+    split: Annotated[
+        Literal["test", "val"], typer.Option(help="Which held-out partition to score.")
+    ] = "test",
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    tracking_uri: TrackingOpt = None,
+    log: Annotated[bool, typer.Option(help="Log the evaluation as an MLflow run.")] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Re-score an exported or registered model on a dataset split (default: its own data)."""
+    from tracktower.features import artifact as contract
+    from tracktower.serving.resolve import resolve_artifact
+    from tracktower.training import stages, tracking
+    from tracktower.training.config import config_from_mapping
 
-    end_runs_on_sigterm()
-    app()
+    setup_logging(verbose)
+    tracking.configure(tracking_uri)
+    resolved = resolve_artifact(model, tracking_uri=tracking_uri)
+    manifest = contract.read_manifest(resolved.path)
+    flags = {"data.interactions": interactions, "data.tracks": tracks, "experiment": experiment}
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = [*(set_ or []), *extra]
+    if config is not None:
+        cfg = experiment_config(config, overrides)
+    else:
+        cfg = config_from_mapping(manifest.config, overrides, where=f"{model} (manifest config)")
+    data = stages.prepare(cfg.data, cfg.split)
+    metrics = stages.evaluate_artifact(
+        resolved.path, data.encoded, stages.heldout(data.encoded, split), cfg.eval.ks
+    )
+    same = data.fingerprint == manifest.dataset.fingerprint
+    typer.echo(
+        f"{model} ({resolved.name} version {resolved.version}) on {data.source} "
+        f"({'the data it was trained on' if same else 'other data'}), {split} split:"
+    )
+    for name, value in metrics.items():
+        typer.echo(f"  {split} {name:16s} {value:.4f}")
+    if log:
+        run_id = stages.log_evaluation(cfg, data, metrics, model=model, split=split)
+        typer.echo(f"logged as run {run_id} in experiment {cfg.experiment}")
+
+
+@app.command()
+@guarded
+def register(
+    run_id: Annotated[str, typer.Option(help="The training run whose model to register.")],
+    model_name: Annotated[str, typer.Option(help="Registered model name.")] = "tracktower",
+    promote: PromoteOpt = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register the model of an existing run and apply the champion policy."""
+    from tracktower.training import stages, tracking
+
+    tracking.configure(tracking_uri)
+    result = stages.register(run_id, model_name=model_name, promote=promote)
+    typer.echo(
+        f"registered {result.model_uri} "
+        f"(champion {'moved' if result.champion else 'unchanged'}: {result.reason})"
+    )

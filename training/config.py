@@ -6,13 +6,17 @@ is a complete description of the run and two runs can be compared field by field
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tracktower.features.errors import DataError
+from tracktower.features.columns import ColumnMap
+from tracktower.features.errors import DataError, one_line
+from tracktower.training.metrics import DEFAULT_KS
 
 
 class _Strict(BaseModel):
@@ -21,17 +25,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ColumnsConfig(_Strict):
-    user: str = "user_id"
-    track: str = "track_id"
-    weight: str | None = None
-    timestamp: str | None = None
-
-
 class DataConfig(_Strict):
     interactions: Path | None = None
     tracks: Path | None = None
-    columns: ColumnsConfig = ColumnsConfig()
+    # The reader's own model, so a config can name every column the reader understands.
+    columns: ColumnMap = ColumnMap()
     # 0 disables; >0 drops users and tracks with fewer interactions, iterated until stable.
     k_core: int = Field(0, ge=0)
     # 0 disables; >0 drops tracks heard by fewer users but keeps every user and the rest of their
@@ -129,8 +127,7 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    ks: list[int] = Field(default_factory=lambda: [10, 20, 50, 100])
-    export_top_k: int = Field(100, ge=1)
+    ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
 
 
 class ExperimentConfig(_Strict):
@@ -191,27 +188,30 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> Experi
         if not isinstance(loaded, dict):
             raise DataError("expected a mapping at the top level", path=path)
         data = loaded
-    data = apply_overrides(data, overrides or [])
+    return config_from_mapping(data, overrides, where=str(path) if path is not None else "config")
+
+
+def config_from_mapping(
+    data: Mapping[str, Any], overrides: list[str] | None = None, *, where: str = "config"
+) -> ExperimentConfig:
+    """Validate an already-parsed config (a YAML file's, or one stored in a model's manifest)."""
+    merged = apply_overrides(copy.deepcopy(dict(data)), overrides or [])
     try:
-        return ExperimentConfig.model_validate(data)
+        return ExperimentConfig.model_validate(merged)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        where = str(path) if path is not None else "config"
-        raise DataError(f"field '{field}': {first['msg']}{more}", path=where) from None
+        raise DataError(one_line(exc, field_prefix="field "), path=where) from None
 
 
-def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+def flatten(value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
     """Dotted key → scalar, the shape MLflow params and the UI's column picker want."""
     out: dict[str, Any] = {}
 
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            out[prefix] = value
+            out[prefix] = node
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", value.model_dump(mode="json") if isinstance(value, BaseModel) else value)
     return out

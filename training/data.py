@@ -33,6 +33,7 @@ class Prepared:
     fingerprint: str
     source: str
     track_artist: np.ndarray | None
+    final: bool = False  # no test split: only a small validation slice for early stopping
 
     @property
     def stats(self) -> dict[str, int]:
@@ -52,19 +53,13 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         raise DataError(
             "no interactions given: pass --interactions PATH or set data.interactions in the config"
         )
-    columns = io.ColumnMap(
-        user=data.columns.user,
-        track=data.columns.track,
-        weight=data.columns.weight,
-        timestamp=data.columns.timestamp,
-    )
     path = Path(data.interactions)
     tracks: pd.DataFrame | None = None
     if path.is_dir() and any(path.glob("mpd.slice.*.json")):
         # MPD slices carry their own track metadata: parse the JSON once for both.
         interactions, tracks = io.read_mpd_slices(path)
     else:
-        interactions = io.read_interactions(path, columns)
+        interactions = io.read_interactions(path, data.columns)
     if data.tracks:
         tracks = io.read_tracks(Path(data.tracks), interactions)
     min_user, min_track = max(data.k_core, 1), max(data.k_core, data.min_track_users, 1)
@@ -107,4 +102,5 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         fingerprint=fingerprint(interactions),
         source=str(path),
         track_artist=track_artist_index(encoded.track_ids, tracks),
+        final=final,
     )

@@ -1,8 +1,9 @@
-"""Exact offline evaluation: brute-force scores over all tracks, each user's train tracks excluded.
+"""Exact offline evaluation: brute-force scores over all tracks, with an explicit exclusion set.
 
-The embeddings computed here for known users are the ones the export ships, and the ranking is
-``tracktower.features.ranking`` — the same routine the server calls — so offline metrics describe
-exactly what is served.
+Query embeddings come from :func:`tracktower.training.pipeline.history_rows`, the history encoding
+training uses, and the ranking is ``tracktower.features.ranking`` — the same routine the server
+calls — so offline metrics describe exactly what is served. The exclusion set is always passed by
+the caller, so every system in a comparison can be scored against the same one.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import scipy.sparse as sp
 
 from tracktower.features.ranking import score_chunks
 from tracktower.features.tf import tf
-from tracktower.training.metrics import ranking_metrics
+from tracktower.training.metrics import ranking_metrics, users_with_heldout
 from tracktower.training.model import TwoTowerModel
-from tracktower.training.pipeline import gather_history
+from tracktower.training.pipeline import history_rows
 
 _BATCH = 1024
 
@@ -28,12 +29,20 @@ def track_embeddings(model: TwoTowerModel) -> np.ndarray:
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def user_embeddings(model: TwoTowerModel, table: tf.RaggedTensor, users: np.ndarray) -> np.ndarray:
-    """Query embeddings for user indices (0-based), from their id and full training history."""
+def user_embeddings(model: TwoTowerModel, known: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
+    """Query embeddings for user indices (0-based), from their id and their whole ``known`` row.
+
+    Histories are built a batch of users at a time and never capped: only training subsamples.
+    """
+    known = sp.csr_matrix(known)
+    users = np.asarray(users, dtype=np.int64)
     out = []
     for start in range(0, len(users), _BATCH):
-        u = tf.constant(users[start : start + _BATCH].astype(np.int32) + 1)
-        feats = {"user": u, "history": gather_history(table, u)}
+        batch = users[start : start + _BATCH]
+        feats = {
+            "user": tf.constant(batch.astype(np.int32) + 1),
+            "history": tf.constant(history_rows(known, batch)),
+        }
         out.append(model.query_tower(feats).numpy())
     if not out:
         return np.zeros((0, model.output_dim), np.float32)
@@ -44,15 +53,16 @@ def evaluate_embeddings(
     queries: np.ndarray,
     candidates: np.ndarray,
     users: np.ndarray,
-    train: sp.csr_matrix,
     truth: sp.csr_matrix,
     unknown: np.ndarray | None,
     ks: list[int],
+    *,
+    exclude: sp.csr_matrix,
 ) -> dict[str, float]:
-    """Metrics for ``users`` (rows of ``queries``) against held-out ``truth`` rows."""
+    """Metrics for ``users`` (row i of ``queries`` is user ``users[i]``) against their ``truth``
+    rows, never recommending what their ``exclude`` rows hold."""
     k = max(ks)
-    exclude = train[users]
-    tops = [idx for idx, _ in score_chunks(queries, candidates, k, exclude)]
+    tops = [idx for idx, _ in score_chunks(queries, candidates, k, sp.csr_matrix(exclude)[users])]
     top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
     return ranking_metrics(
         top,
@@ -63,32 +73,28 @@ def evaluate_embeddings(
     )
 
 
-def users_with_truth(truth: sp.csr_matrix, unknown: np.ndarray | None) -> np.ndarray:
-    held = np.diff(truth.indptr)
-    if unknown is not None:
-        held = held + unknown
-    return np.flatnonzero(held > 0)
-
-
 def evaluate_model(
     model: TwoTowerModel,
-    table: tf.RaggedTensor,
-    train: sp.csr_matrix,
+    known: sp.csr_matrix,
     truth: sp.csr_matrix,
     unknown: np.ndarray | None,
     ks: list[int],
+    *,
+    exclude: sp.csr_matrix,
     users: np.ndarray | None = None,
 ) -> dict[str, float]:
+    """``known`` is what the query tower reads as each user's history, ``exclude`` what may not
+    be recommended; ``users`` defaults to those with held-out tracks (the only ones averaged)."""
     if users is None:
-        users = users_with_truth(truth, unknown)
+        users = users_with_heldout(truth, unknown)
     if len(users) == 0:
         return {}
     return evaluate_embeddings(
-        user_embeddings(model, table, users),
+        user_embeddings(model, known, users),
         track_embeddings(model),
         users,
-        train,
         truth,
         unknown,
         ks,
+        exclude=exclude,
     )

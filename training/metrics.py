@@ -25,12 +25,36 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["DEFAULT_KS", "coverage", "hits_matrix", "ranking_metrics"]
+__all__ = [
+    "DEFAULT_KS",
+    "coverage",
+    "ranking_metrics",
+    "users_with_heldout",
+]
 
 DEFAULT_KS = (10, 20, 50, 100)
 _NDCG_KS = (10, 100)
 _HIT_KS = (10,)
 _COVERAGE_KS = (10,)
+
+
+def _heldout_counts(truth: sp.csr_matrix, unknown: np.ndarray | None) -> np.ndarray:
+    """``|H_u|`` per row: the held-out tracks in ``truth`` plus the ``unknown`` ones, which count
+    against a model even though no model can rank them (see the module docstring)."""
+    csr = sp.csr_matrix(truth)
+    held = np.diff(csr.indptr).astype(np.int64)
+    if unknown is None:
+        return held
+    extra = np.asarray(unknown, dtype=np.int64).reshape(-1)
+    if len(extra) != len(held):
+        raise ValueError(f"unknown has {len(extra)} entries for {len(held)} users")
+    return held + extra
+
+
+def users_with_heldout(truth: sp.csr_matrix, unknown: np.ndarray | None) -> np.ndarray:
+    """Rows with at least one held-out track: the only users any metric averages over, so
+    scoring the others would be wasted work."""
+    return np.flatnonzero(_heldout_counts(truth, unknown) > 0)
 
 
 def ranking_metrics(
@@ -40,12 +64,9 @@ def ranking_metrics(
     ks: Sequence[int] = DEFAULT_KS,
     *,
     n_items: int | None = None,
-    ndcg_ks: Sequence[int] | None = None,
-    hit_ks: Sequence[int] | None = None,
-    coverage_ks: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """``recall_at_{k}`` for every ``k`` in ``ks``; ndcg (default 10, 100), hit rate and coverage
-    (default 10) for those of their ks that fit in the ``K`` columns of ``topk_idx``.
+    """``recall_at_{k}`` for every ``k`` in ``ks``; ndcg at 10 and 100, hit rate and coverage at 10
+    for those of these ks that fit in the ``K`` columns of ``topk_idx``.
 
     Row ``u`` of ``topk_idx`` is the ranked list for row ``u`` of ``truth``. Returns ``{}`` when
     no user has held-out items (nothing to average).
@@ -61,18 +82,13 @@ def ranking_metrics(
     if too_long:
         raise ValueError(f"ks {too_long} do not fit in top-k lists of length {width}")
     n_items = csr.shape[1] if n_items is None else n_items
-    held = np.diff(csr.indptr).astype(np.int64)
-    if unknown is not None:
-        unknown = np.asarray(unknown, dtype=np.int64).reshape(-1)
-        if len(unknown) != n_users:
-            raise ValueError(f"unknown has {len(unknown)} entries for {n_users} users")
-        held = held + unknown
+    held = _heldout_counts(csr, unknown)
     users = np.flatnonzero(held > 0)
     if len(users) == 0:
         return {}
 
     top = top[users]
-    hits = hits_matrix(top, csr[users])
+    hits = _hits(top, csr[users])
     held = held[users]
     cum = np.cumsum(hits, axis=1, dtype=np.int64)
     ranks = np.arange(1, width + 1)
@@ -80,22 +96,23 @@ def ranking_metrics(
     dcg = np.cumsum(hits * discounts, axis=1)
     ideal = np.concatenate([[0.0], np.cumsum(discounts)])
 
-    def fits(wanted: Sequence[int]) -> list[int]:
-        return [k for k in wanted if 1 <= k <= width]
-
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall_at_{k}"] = float(np.mean(cum[:, k - 1] / np.minimum(k, held)))
-    for k in fits(_NDCG_KS if ndcg_ks is None else ndcg_ks):
+    for k in _fits(_NDCG_KS, width):
         out[f"ndcg_at_{k}"] = float(np.mean(dcg[:, k - 1] / ideal[np.minimum(k, held)]))
-    for k in fits(_HIT_KS if hit_ks is None else hit_ks):
+    for k in _fits(_HIT_KS, width):
         out[f"hit_rate_at_{k}"] = float(np.mean(cum[:, k - 1] > 0))
-    for k in fits(_COVERAGE_KS if coverage_ks is None else coverage_ks):
+    for k in _fits(_COVERAGE_KS, width):
         out[f"coverage_at_{k}"] = coverage(top, n_items, k)
     return out
 
 
-def hits_matrix(top: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
+def _fits(wanted: Sequence[int], width: int) -> list[int]:
+    return [k for k in wanted if 1 <= k <= width]
+
+
+def _hits(top: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
     """bool [U, K]: is ``top[u, j]`` a stored entry of ``truth`` row ``u``?"""
     csr = sp.csr_matrix(truth, copy=True)
     csr.sum_duplicates()  # also sorts indices, which the searchsorted below relies on

@@ -138,7 +138,8 @@ class CandidateTower(tf.keras.Model):
 
 
 class TwoTowerModel(tfrs.Model):
-    """In-batch softmax retrieval, optionally with logQ correction and uniform extra negatives.
+    """Sampled softmax retrieval (in-batch negatives, optionally mixed with uniform ones) through
+    ``tfrs.tasks.Retrieval``, or an exact softmax over the whole catalogue when it is small.
 
     Batches carry ``user``, ``history``, ``track``, ``weight`` and ``log_q`` (log sampling
     probability of the positive track), all prepared by :mod:`tracktower.training.pipeline`.
@@ -174,10 +175,24 @@ class TwoTowerModel(tfrs.Model):
         self.full_softmax = cfg.negatives == "full" or (
             cfg.negatives == "auto" and n_tracks <= cfg.full_softmax_max_tracks
         )
+        # Its default loss is a categorical cross-entropy with SUM reduction: the sum over the
+        # batch of weight x loss, the scale the full softmax below uses as well.
         self.task = tfrs.tasks.Retrieval(
             temperature=cfg.temperature if cfg.normalize else None,
             remove_accidental_hits=cfg.remove_accidental_hits,
         )
+        self.build()
+
+    def build(self, input_shape: Any = None) -> None:
+        """Create every variable, without data, in the order the first training step would.
+
+        Called on construction: Keras's BackupAndRestore can only restore into (and build the
+        optimizer of) a built model, and a model without ``call`` is otherwise built lazily,
+        inside its first training step.
+        """
+        self.query_tower({"user": tf.zeros([1], tf.int32), "history": tf.zeros([1, 1], tf.int32)})
+        self.candidate_tower(tf.zeros([1], tf.int32))
+        self.built = True
 
     @property
     def output_dim(self) -> int:
@@ -189,67 +204,42 @@ class TwoTowerModel(tfrs.Model):
         track = features["track"]
         if self.full_softmax:
             return self._full_softmax_loss(query, track, features["weight"], training)
-        candidates = self.candidate_tower(track, training=training)
-        log_q = features["log_q"] if self.cfg.logq_correction else None
-        ids = track
+        ids, log_q = track, features["log_q"]
         if self.cfg.uniform_negatives > 0:
             # Mixed negatives (Yang et al. 2020): in-batch negatives are popularity-biased, so add a
             # uniform sample whose log-probability corrects the same way as the in-batch ones.
+            # Retrieval labels query i with candidate i (tf.eye(queries, candidates)), so the
+            # extra columns after the batch's positives are negatives for every query.
             extra = tf.random.uniform(
                 [self.cfg.uniform_negatives], 1, self.n_tracks + 1, dtype=track.dtype
             )
-            candidates = tf.concat([candidates, self.candidate_tower(extra, training=training)], 0)
             ids = tf.concat([track, extra], 0)
-            if log_q is not None:
-                uniform_q = tf.fill(
-                    [self.cfg.uniform_negatives], -tf.math.log(float(self.n_tracks))
-                )
-                log_q = tf.concat([log_q, uniform_q], 0)
-        return self._retrieval_loss(query, candidates, features["weight"], log_q, ids)
+            uniform = tf.fill([self.cfg.uniform_negatives], -tf.math.log(float(self.n_tracks)))
+            log_q = tf.concat([log_q, uniform], 0)
+        return self.task(
+            query,
+            self.candidate_tower(ids, training=training),
+            sample_weight=features["weight"],
+            # The task subtracts log(clip(q, 1e-6, 1)): identical to subtracting log_q as long as
+            # no track is sampled with probability below one in a million.
+            candidate_sampling_probability=tf.exp(log_q) if self.cfg.logq_correction else None,
+            candidate_ids=ids if self.cfg.remove_accidental_hits else None,
+            compute_metrics=False,
+            compute_batch_metrics=False,
+        )
 
     def _full_softmax_loss(
         self, query: tf.Tensor, track: tf.Tensor, weight: tf.Tensor, training: bool
     ) -> tf.Tensor:
-        # Every track is a negative, so there is no sampling bias to correct (no logQ) and no
-        # accidental hit: the positive is one column of an exact softmax over the catalogue.
+        """Every track is a negative, so there is no sampling bias to correct (no logQ) and no
+        accidental hit: the positive is one column of an exact softmax over the catalogue.
+
+        Written out because the positive is the track's own catalogue column, which
+        ``tfrs.tasks.Retrieval`` cannot express: its labels are always ``tf.eye``.
+        """
         everything = self.candidate_tower(tf.range(1, self.n_tracks + 1), training=training)
         scores = tf.matmul(query, everything, transpose_b=True)
         if self.cfg.normalize:
             scores = scores / self.cfg.temperature
         loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=track - 1, logits=scores)
-        return tf.reduce_sum(loss * weight)
-
-    def _retrieval_loss(
-        self,
-        query: tf.Tensor,
-        candidates: tf.Tensor,
-        weight: tf.Tensor,
-        log_q: tf.Tensor | None,
-        ids: tf.Tensor,
-    ) -> tf.Tensor:
-        if self.cfg.uniform_negatives == 0:
-            return self.task(
-                query,
-                candidates,
-                sample_weight=weight,
-                candidate_sampling_probability=tf.exp(log_q) if log_q is not None else None,
-                candidate_ids=ids if self.cfg.remove_accidental_hits else None,
-                compute_metrics=False,
-                compute_batch_metrics=False,
-            )
-        # tfrs.tasks.Retrieval assumes a square [batch, batch] label matrix; with extra columns the
-        # softmax is written out, with the same temperature, logQ and accidental-hit handling.
-        scores = tf.matmul(query, candidates, transpose_b=True)
-        if self.cfg.normalize:
-            scores = scores / self.cfg.temperature
-        if log_q is not None:
-            scores = scores - tf.expand_dims(log_q, 0)
-        batch = tf.shape(query)[0]
-        labels = tf.one_hot(tf.range(batch), tf.shape(candidates)[0])
-        if self.cfg.remove_accidental_hits:
-            same = tf.cast(
-                tf.equal(tf.expand_dims(ids[:batch], 1), tf.expand_dims(ids, 0)), scores.dtype
-            )
-            scores = scores + (same - labels) * -1e9
-        loss = tf.nn.softmax_cross_entropy_with_logits(labels=labels, logits=scores)
         return tf.reduce_sum(loss * weight)

@@ -1,8 +1,9 @@
 """From encoded interactions to batched ``tf.data`` input, with no per-example Python.
 
 Examples are integer arrays computed once. Each batch gathers its users' listening histories from a
-dense table in one vectorised step, drops the target track from its own history (otherwise the
-model learns to look the answer up), and subsamples long histories.
+dense table (:func:`history_rows`, the encoding inference uses too) with plain gathers, which are
+much cheaper than ragged ops, drops the target track from its own history (otherwise the model
+learns to look the answer up), and subsamples long histories.
 """
 
 from __future__ import annotations
@@ -58,38 +59,33 @@ def auto_batch_size(n_examples: int) -> int:
     return int(min(max(size, 256), 8192))
 
 
-def history_table(train: sp.csr_matrix) -> tf.RaggedTensor:
-    """Row u+1 holds user u's training track indices (+1); row 0 (unknown user) is empty."""
-    train = train.tocsr()
-    lengths = np.diff(train.indptr).astype(np.int64)
-    values = (train.indices.astype(np.int32) + 1) if train.nnz else np.zeros(0, np.int32)
-    splits = np.concatenate([[0, 0], np.cumsum(lengths)]).astype(np.int64)
-    return tf.RaggedTensor.from_row_splits(tf.constant(values), tf.constant(splits))
+def history_rows(
+    known: sp.csr_matrix, users: np.ndarray, cap: int | None = None, seed: int = 0
+) -> np.ndarray:
+    """Row i: user ``users[i]``'s track indices (+1) as int32, right-padded with 0.
 
-
-def gather_history(table: tf.RaggedTensor, user: tf.Tensor) -> tf.Tensor:
-    """Full histories, right-padded with 0: what inference and export use."""
-    return tf.gather(table, user).to_tensor(default_value=0)
-
-
-def history_matrix(train: sp.csr_matrix, cap: int, seed: int) -> np.ndarray:
-    """Dense ``[users + 1, L]`` track indices (+1, 0-padded), built once for the training input.
-
-    Dense rows let each batch pick its histories with plain gathers instead of ragged ops, which
-    were the input pipeline's main cost. Users with more than ``cap`` tracks keep a seeded random
-    ``cap`` of them, which bounds memory at ``users x cap`` whatever the heaviest user's history.
+    The one history encoding, shared by training (a table of every user, capped) and inference
+    (a batch of users at a time, uncapped, so a served history forgets nothing). The width is the
+    longest selected history, at least 1 and at most ``cap``. With ``cap``, each row is in a
+    seeded random order and truncated, so a heavier user keeps a uniform random ``cap`` of their
+    tracks: that bounds the training table at ``users x cap`` whatever the heaviest history.
     """
-    train = train.tocsr()
-    lengths = np.diff(train.indptr)
-    width = int(min(max(lengths.max(initial=0), 1), cap))
-    rows = np.repeat(np.arange(train.shape[0]), lengths)
-    keys = np.random.default_rng(seed).random(train.nnz)
-    order = np.lexsort((keys, rows))
-    rank = np.empty(train.nnz, dtype=np.int64)
-    rank[order] = np.arange(train.nnz) - np.repeat(train.indptr[:-1], lengths)
+    sub = sp.csr_matrix(known)[np.asarray(users, dtype=np.int64)]
+    lengths = np.diff(sub.indptr)
+    longest = max(int(lengths.max(initial=0)), 1)
+    width = longest if cap is None else min(longest, cap)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    first = np.repeat(sub.indptr[:-1], lengths)
+    if cap is None:
+        rank = np.arange(sub.nnz) - first
+    else:
+        keys = np.random.default_rng(seed).random(sub.nnz)
+        order = np.lexsort((keys, rows))
+        rank = np.empty(sub.nnz, dtype=np.int64)
+        rank[order] = np.arange(sub.nnz) - first
     keep = rank < width
-    out = np.zeros((train.shape[0] + 1, width), dtype=np.int32)
-    out[rows[keep] + 1, rank[keep]] = train.indices[keep] + 1
+    out = np.zeros((len(lengths), width), dtype=np.int32)
+    out[rows[keep], rank[keep]] = sub.indices[keep] + 1
     return out
 
 
@@ -110,13 +106,21 @@ def _training_history(
 
 def training_dataset(
     examples: Examples,
-    table: np.ndarray,
+    train: sp.csr_matrix,
     *,
     batch_size: int,
     history_max_len: int,
     user_id_dropout: float,
     seed: int,
 ) -> tf.data.Dataset:
+    """Shuffled batches with each example's history attached.
+
+    The histories table holds up to ``4 x history_max_len`` tracks per user, so each epoch can
+    still draw a different ``history_max_len`` subset while the table stays bounded.
+    """
+    histories = history_rows(train, np.arange(train.shape[0]), 4 * history_max_len, seed)
+    # Row 0 stands for the unknown user, so the examples' +1-shifted user ids index it directly.
+    table = np.concatenate([np.zeros((1, histories.shape[1]), np.int32), histories])
     ds = tf.data.Dataset.from_tensor_slices(
         {
             "user": examples.user,

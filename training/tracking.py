@@ -1,13 +1,15 @@
 """The one door to MLflow: every run, metric, dataset and model goes through these helpers.
 
 Training, baselines and notebooks all log the same names in the same shape, so runs stay
-comparable in the UI and the champion rule below is applied identically everywhere. MLflow is
-imported inside the functions so that ``tracktower --help`` stays fast.
+comparable in the UI. MLflow is imported inside the functions so that ``tracktower --help`` stays
+fast. The champion policy is not here: see :mod:`tracktower.training.champion`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import os
 import re
@@ -15,22 +17,27 @@ import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tracktower.features import artifact as contract
+from tracktower.training.config import flatten
 
 if TYPE_CHECKING:
     import mlflow
     import pandas as pd
 
+    from tracktower.training.config import ExperimentConfig
+    from tracktower.training.data import Prepared
+
 MODEL_ARTIFACT_PATH = "model"
-CHAMPION_ALIAS = "champion"
 RECALL_PLOT_PATH = "plots/recall_at_k.png"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-# Mirrored onto the model version: visible in the registry UI, and survives a deleted run.
-FINGERPRINT_TAG = "dataset.fingerprint"
-RECALL_TAG = "test_recall_at_20"
+# Opens the experiment in the MLflow UI's model-training view (runs, charts, models) rather than
+# the GenAI one; the UI reads this experiment tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 _PYFUNC_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "pyarrow", "scipy", "pydantic")
 _MODEL_CODE = (
@@ -41,17 +48,6 @@ _MODEL_CODE = (
 _CURVE_KEY = re.compile(r"^(?P<series>.*?(?:recall|ndcg))_at_(?P<k>\d+)$")
 
 
-@dataclass(frozen=True)
-class Registration:
-    """Outcome of registering a model, including *why* the champion alias did or did not move."""
-
-    model_uri: str
-    name: str
-    version: str
-    champion: bool
-    reason: str
-
-
 def configure(tracking_uri: str | None) -> None:
     """Pin the store so every entry point agrees where runs live: argument, then
     ``MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db`` in the cwd (a registry needs a DB)."""
@@ -59,16 +55,6 @@ def configure(tracking_uri: str | None) -> None:
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
-
-
-def end_runs_on_sigterm() -> None:
-    """Make SIGTERM (a scheduler's kill, ``pkill``) unwind like Ctrl-C, so the active MLflow run
-    ends KILLED instead of staying RUNNING forever. Entry points call it; the library never does."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -84,7 +70,11 @@ def experiment_run(
     all_tags = dict(tags or {})
     if commit := git_commit():
         all_tags.setdefault("mlflow.source.git.commit", commit)
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        mlflow.MlflowClient().set_experiment_tag(
+            exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+        )
     # start_run's context manager ends the run FAILED on any exception; an interrupt (Ctrl-C, or
     # SIGTERM after end_runs_on_sigterm) is not a failure of the run, so it ends KILLED.
     with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
@@ -114,16 +104,6 @@ def git_commit() -> str | None:
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40,64}", sha) else None
 
 
-def _flatten(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def log_params_flat(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Log a nested config as ``a.b.c`` params so each knob is a sortable column in the UI.
 
@@ -132,7 +112,7 @@ def log_params_flat(params: Mapping[str, Any], prefix: str = "") -> dict[str, st
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
     base = prefix if not prefix or prefix.endswith(".") else f"{prefix}."
-    logged = {key: str(value) for key, value in _flatten(params, base).items()}
+    logged = {f"{base}{key}": str(value) for key, value in flatten(params).items()}
     for key, text in logged.items():
         if len(text) > MAX_PARAM_VAL_LENGTH:
             logged[key] = text[: MAX_PARAM_VAL_LENGTH - 14] + "...[truncated]"
@@ -209,106 +189,162 @@ def pip_requirements() -> list[str]:
     return [f"{dist}=={metadata.version(dist)}" for dist in _PYFUNC_DISTRIBUTIONS]
 
 
-def _input_example(artifact_dir: Path) -> pd.DataFrame:
-    """A real user id when available, so MLflow's validation at log time scores the model path
-    and the UI shows a request that actually returns recommendations."""
-    import numpy as np
-    import pandas as pd
-
-    user = "example-user"  # unknown user: still validates the popularity path
-    with (
-        contextlib.suppress(Exception),
-        np.load(artifact_dir / "arrays.npz", allow_pickle=False) as arrays,
-    ):
-        user = str(arrays["user_ids"][0])
-    return pd.DataFrame({"user_id": [user], "k": [10]})
+def split_key(split: Mapping[str, Any]) -> str:
+    """A short stable hash of the split settings: with the dataset fingerprint it identifies the
+    exact test set, which is what makes two runs' test metrics comparable."""
+    text = json.dumps(dict(split), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _champion_stats(client: Any, champion: Any) -> tuple[str | None, float | None]:
-    """Fingerprint and test Recall@20 of the current champion: version tags, else its run."""
-    fingerprint = champion.tags.get(FINGERPRINT_TAG)
-    recall = champion.tags.get(RECALL_TAG)
-    if (fingerprint is None or recall is None) and champion.run_id:
-        with contextlib.suppress(Exception):  # deleted run: fall back to what the tags say
-            run = client.get_run(champion.run_id)
-            fingerprint = fingerprint or run.data.params.get("dataset.fingerprint")
-            recall = recall if recall is not None else run.data.metrics.get("test_recall_at_20")
-    return fingerprint, (float(recall) if recall not in (None, "") else None)
+def find_baseline_run(experiment: str, system: str, fingerprint: str, split: str) -> str | None:
+    """The id of a FINISHED ``system`` run on this dataset fingerprint and split, if any."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    query = (
+        f"tags.system = '{system}' and tags.split = '{split}' and "
+        f"params.`dataset.fingerprint` = '{fingerprint}' and attributes.status = 'FINISHED'"
+    )
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], query, max_results=1)
+    return str(runs[0].info.run_id) if runs else None
 
 
-def _decide(
-    client: Any, model_name: str, fingerprint: str, recall: float | None, promote: bool | None
-) -> tuple[bool, str]:
-    from mlflow.exceptions import MlflowException
-
-    if promote is True:
-        return True, "promotion forced (--promote)"
-    if promote is False:
-        return False, "promotion disabled (--no-promote)"
-    try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException as exc:
-        # Missing model / missing alias only; an unreachable registry must not look like "none".
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        return True, "no champion yet"
-    champ_fp, champ_recall = _champion_stats(client, champion)
-    tag = f"champion v{champion.version}"
-    if champ_fp != fingerprint:
-        return False, (
-            f"{tag} was evaluated on a different dataset (fingerprint {str(champ_fp)[:12]} vs "
-            f"{fingerprint[:12]}), metrics are not comparable; use --promote to force"
-        )
-    if recall is None or champ_recall is None:
-        missing = "this model" if recall is None else tag
-        return False, f"{missing} has no test_recall_at_20 to compare; use --promote to force"
-    if recall >= champ_recall:
-        return True, f"test_recall_at_20 {recall:.4f} >= {tag}'s {champ_recall:.4f}"
-    return False, f"test_recall_at_20 {recall:.4f} < {tag}'s {champ_recall:.4f} on the same dataset"
+def log_dataset(data: Prepared, *, name: str | None = None) -> None:
+    """The prepared dataset as the run's input (see :func:`log_dataset_input`)."""
+    log_dataset_input(
+        data.interactions,
+        fingerprint=data.fingerprint,
+        name=name or Path(data.source).name or "interactions",
+        source=data.source,
+    )
 
 
-def log_and_register_model(
-    artifact_dir: Path,
-    *,
-    model_name: str,
-    fingerprint: str,
-    test_recall_at_20: float | None,
-    promote: bool | None,
-) -> Registration:
-    """Log the artifact as a pyfunc in the active run, register it, and move ``champion`` (which
-    serving follows) only on a like-for-like win: same dataset fingerprint, Recall@20 not worse,
-    unless the caller forces it either way."""
+def log_config(
+    cfg: ExperimentConfig, flat: Mapping[str, Any], path: Path | None, *, final: bool
+) -> None:
+    """The whole config as params (one sortable column per knob) and as files."""
+    import mlflow
+
+    log_params_flat({**flat, "final": final})
+    if path is not None:
+        mlflow.log_artifact(str(path), "config")
+    mlflow.log_text(cfg.model_dump_json(indent=2), "config/resolved.json")
+
+
+def log_test_metrics(metrics: Mapping[str, float], *, title: str) -> None:
+    log_metrics(metrics, prefix="test_")
+    log_recall_plot(metrics, title=title)
+
+
+def log_model(artifact_dir: Path) -> Any:
+    """Log the artifact as a pyfunc model of the active run, without registering it.
+
+    Models-from-code: the model holds an import, not a cloudpickle of the class, so it loads with
+    whatever tracktower version is installed and MLflow does not warn.
+    """
     import mlflow
 
     from tracktower.serving.pyfunc import model_signature
 
     artifact_dir = Path(artifact_dir)
-    if not (artifact_dir / "manifest.json").is_file():
-        raise FileNotFoundError(f"{artifact_dir}: no manifest.json, not an exported artifact")
-    client = mlflow.MlflowClient()
-    # Decide first: an unreachable registry fails before the (slower) model upload.
-    champion, reason = _decide(client, model_name, fingerprint, test_recall_at_20, promote)
+    manifest = contract.read_manifest(artifact_dir)
     with tempfile.TemporaryDirectory() as tmp:
-        # Models-from-code: the model dir holds an import, not a cloudpickle of the class, so it
-        # loads with whatever tracktower version is installed and MLflow does not warn.
         code = Path(tmp) / "tracktower_model.py"
         code.write_text(_MODEL_CODE, encoding="utf-8")
-        info = mlflow.pyfunc.log_model(
+        return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_PATH,
             python_model=code,
-            artifacts={"artifact": str(artifact_dir.resolve())},
+            artifacts={contract.PYFUNC_ARTIFACT_KEY: str(artifact_dir.resolve())},
             pip_requirements=pip_requirements(),
             signature=model_signature(),
-            input_example=_input_example(artifact_dir),
-            registered_model_name=model_name,
+            input_example=_input_example(artifact_dir, manifest),
         )
-    version = str(info.registered_model_version)
-    recall_text = "" if test_recall_at_20 is None else str(test_recall_at_20)
-    tags = {FINGERPRINT_TAG: fingerprint, RECALL_TAG: recall_text, "champion_decision": reason}
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    if champion:
-        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
-    if mlflow.active_run() is not None:
-        mlflow.set_tags({"registered_model": f"{model_name}/{version}", "champion": str(champion)})
-    return Registration(f"models:/{model_name}/{version}", model_name, version, champion, reason)
+
+
+def _input_example(artifact_dir: Path, manifest: Any) -> Any:
+    """A real user id, so MLflow's validation at log time scores the model path and the UI shows
+    a request that actually returns recommendations (an unknown user if there is none)."""
+    import pandas as pd
+
+    users = contract.read_arrays(artifact_dir, manifest)["user_ids"]
+    user = str(users[0]) if len(users) else "example-user"
+    return pd.DataFrame({"user_id": [user], "k": [10]})
+
+
+def logged_model(client: Any, run: Any) -> Any:
+    """The tracktower model that ``run`` logged; a one-line DataError when it has none."""
+    from tracktower.features.errors import DataError
+
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"name = '{MODEL_ARTIFACT_PATH}' and source_run_id = '{run.info.run_id}'",
+    )
+    if not models:
+        raise DataError(f"run {run.info.run_id} logged no '{MODEL_ARTIFACT_PATH}' model")
+    return models[0]
+
+
+def register_version(client: Any, model: Any, name: str) -> str:
+    """A new version of registered model ``name`` for a logged model; returns its number."""
+    import mlflow
+
+    version = mlflow.register_model(f"models:/{model.model_id}", name)
+    return str(version.version)
+
+
+def record_version_in_manifest(client: Any, model: Any, name: str, version: str) -> None:
+    """Write the registry name and version into the logged artifact's manifest, so a copy of the
+    artifact says which version it is wherever it is served from."""
+    import mlflow.artifacts
+    import yaml
+
+    base = model.artifact_location.rstrip("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = yaml.safe_load(
+            Path(mlflow.artifacts.download_artifacts(f"{base}/MLmodel", dst_path=tmp)).read_text()
+        )
+        inner = spec["flavors"]["python_function"]["artifacts"][contract.PYFUNC_ARTIFACT_KEY][
+            "path"
+        ]
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                f"{base}/{inner}/{contract.MANIFEST_FILE}", dst_path=f"{tmp}/artifact"
+            )
+        )
+        contract.update_manifest(local.parent, model_name=name, model_version=version)
+        client.log_model_artifact(model.model_id, str(local), inner)
+
+
+@contextlib.contextmanager
+def resumed_run(run_id: str) -> Iterator[None]:
+    """Make ``run_id`` the active run: it already is while ``train`` runs; ``register`` on a
+    finished run reopens it and ends it FINISHED again."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    with mlflow.start_run(run_id=run_id):
+        yield
+
+
+def set_tags(tags: Mapping[str, str]) -> None:
+    import mlflow
+
+    mlflow.set_tags(dict(tags))
+
+
+def get_run(client: Any, run_id: str) -> Any:
+    """The run, or a one-line DataError when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    from tracktower.features.errors import DataError
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        reason = " ".join(str(getattr(exc, "message", exc)).split())[:200]
+        raise DataError(f"no run {run_id} in {client.tracking_uri} ({reason})") from None

@@ -1,8 +1,10 @@
 """The fit loop: Keras ``fit`` over the tf.data pipeline, validated every epoch on Recall@K.
 
-Early stopping watches a ranking metric computed exactly like the final test metric (not the loss,
-which does not track retrieval quality well), keeps the best weights, and checkpoints every epoch so
-a long GPU job can be resumed.
+Early stopping is Keras's ``EarlyStopping`` watching a ranking metric computed exactly like the
+final test metric (not the loss, which does not track retrieval quality well); it keeps the best
+epoch's weights. Given a ``checkpoint_dir``, Keras's ``BackupAndRestore`` backs the training state
+up there after every epoch, and a job that dies mid-run, started again with the same directory,
+resumes after its last finished epoch.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from tracktower.features.dataset import Encoded
+from tracktower.features.errors import DataError
 from tracktower.features.tf import tf
 from tracktower.training import evaluate, pipeline
 from tracktower.training.config import ExperimentConfig, TrainConfig
+from tracktower.training.metrics import users_with_heldout
 from tracktower.training.model import TwoTowerModel
 from tracktower.training.strategy import configure_precision, make_strategy
 
@@ -31,15 +35,20 @@ EpochHook = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class FitResult:
-    """``known`` is every interaction the model was given (train plus the early-stopping slice)
-    and ``table`` its histories: what inference uses as a user's history and what it excludes.
-    Holding tracks out for early stopping must not make a user's served history forget them."""
+    """``known`` is every interaction the model was given (train plus the early-stopping slice):
+    what inference reads as a user's history and what it excludes. Holding tracks out for early
+    stopping must not make a user's served history forget them.
+
+    ``history`` has one row per epoch run (``loss``, ``examples_per_sec``, ``epoch_seconds``,
+    ``val_*``); ``best_epoch`` (1-based) is the epoch whose weights the model holds and
+    ``best_val`` its ``val_*`` metrics (empty when there was nothing to validate on).
+    """
 
     model: TwoTowerModel
-    table: tf.RaggedTensor
     known: sp.csr_matrix
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
+    best_val: dict[str, float] = field(default_factory=dict)
     batch_size: int = 0
     strategy: str = ""
     replicas: int = 1
@@ -60,60 +69,58 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Op
     return tf.keras.optimizers.SGD(lr, momentum=0.9)
 
 
-class _EpochCallback(tf.keras.callbacks.Callback):
-    """Validation metrics, one log line, early stopping with best-weight restore, checkpoints."""
+class _Validation(tf.keras.callbacks.Callback):
+    """Writes the epoch's row into Keras's ``logs``: the validation ranking metrics as ``val_*``
+    (what ``EarlyStopping`` monitors, so this callback must come before it), throughput and time.
+
+    Validation users see their training history and have it excluded, as test users see theirs.
+    """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
         data: Encoded,
-        table: tf.RaggedTensor,
         n_examples: int,
-        checkpoint: tf.train.CheckpointManager | None,
         on_epoch: EpochHook | None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.data = data
-        self.table = table
         self.n_examples = n_examples
-        self.checkpoint = checkpoint
         self.on_epoch = on_epoch
-        self.history: list[dict[str, float]] = []
-        self.best: float = -np.inf
-        self.best_epoch = 0
-        self.best_weights: list[np.ndarray] | None = None
-        self.wait = 0
+        self.rows: dict[int, dict[str, float]] = {}  # 1-based epoch -> row
         self.started = 0.0
-        users = evaluate.users_with_truth(data.val, data.val_unknown)
+        users = users_with_heldout(data.val, data.val_unknown)
         if len(users) > cfg.train.max_val_users:
             rng = np.random.default_rng(cfg.train.seed)
             users = np.sort(rng.choice(users, cfg.train.max_val_users, replace=False))
         self.val_users = users
+
+    @property
+    def monitor(self) -> str:
+        return f"val_{self.cfg.train.early_stopping.metric}"
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         seconds = time.perf_counter() - self.started
+        logs = {} if logs is None else logs
         row: dict[str, float] = {
-            "loss": float((logs or {}).get("loss", np.nan)),
+            "loss": float(logs.get("loss", np.nan)),
             "examples_per_sec": self.n_examples / max(seconds, 1e-9),
             "epoch_seconds": seconds,
         }
-        metric = self.cfg.train.early_stopping.metric
         if len(self.val_users):
-            val = evaluate.evaluate_model(
-                self.model,
-                self.table,
-                self.data.train,
-                self.data.val,
-                self.data.val_unknown,
-                self.cfg.eval.ks,
-                users=self.val_users,
-            )
-            row.update({f"val_{k}": v for k, v in val.items()})
-        self.history.append(row)
+            row.update({f"val_{k}": v for k, v in self._validate().items()})
+            if self.monitor not in row:
+                names = ", ".join(k.removeprefix("val_") for k in row if k.startswith("val_"))
+                raise DataError(
+                    f"train.early_stopping.metric: {self.monitor.removeprefix('val_')!r} is not "
+                    f"computed with eval.ks {self.cfg.eval.ks}; choose one of {names}"
+                )
+        logs.update(row)
+        self.rows[epoch + 1] = row
         shown = " ".join(
             f"{k} {v:.4f}"
             for k, v in row.items()
@@ -129,24 +136,44 @@ class _EpochCallback(tf.keras.callbacks.Callback):
         )
         if self.on_epoch:
             self.on_epoch(epoch + 1, row)
-        if self.checkpoint is not None:
-            self.checkpoint.save(checkpoint_number=epoch + 1)
-        score = row.get(f"val_{metric}")
-        if score is None:
-            self.best_epoch = epoch + 1
-            return
-        if score > self.best:
-            self.best, self.best_epoch, self.wait = score, epoch + 1, 0
-            self.best_weights = self.model.get_weights()
-        else:
-            self.wait += 1
-            if self.wait >= self.cfg.train.early_stopping.patience:
-                log.info("early stopping: val_%s has not improved for %d epochs", metric, self.wait)
-                self.model.stop_training = True
 
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
+    def _validate(self) -> dict[str, float]:
+        return evaluate.evaluate_model(
+            self.model,
+            self.data.train,
+            self.data.val,
+            self.data.val_unknown,
+            self.cfg.eval.ks,
+            exclude=self.data.train,
+            users=self.val_users,
+        )
+
+
+def _callbacks(
+    cfg: ExperimentConfig,
+    validation: _Validation,
+    checkpoint_dir: Path | None,
+) -> tuple[list[tf.keras.callbacks.Callback], tf.keras.callbacks.EarlyStopping | None]:
+    """Validation first (it fills the logs), then early stopping, then the backup.
+
+    tf-keras 2.20's ``EarlyStopping`` restores the best weights in ``on_train_end`` whenever it
+    saw a monitored value, whether it stopped early or ran out of epochs, so the model always ends
+    on its best epoch. Its memory is not part of the backup: a resumed job keeps the best of the
+    epochs it runs itself.
+    """
+    callbacks: list[tf.keras.callbacks.Callback] = [validation]
+    stopper = None
+    if len(validation.val_users):
+        stopper = tf.keras.callbacks.EarlyStopping(
+            monitor=validation.monitor,
+            mode="max",
+            patience=cfg.train.early_stopping.patience,
+            restore_best_weights=True,
+        )
+        callbacks.append(stopper)
+    if checkpoint_dir is not None:
+        callbacks.append(tf.keras.callbacks.BackupAndRestore(str(checkpoint_dir)))
+    return callbacks, stopper
 
 
 def fit(
@@ -157,9 +184,19 @@ def fit(
     checkpoint_dir: Path | None = None,
     on_epoch: EpochHook | None = None,
 ) -> FitResult:
+    """Train on ``data.train``, validate on ``data.val`` each epoch, keep the best epoch.
+
+    ``checkpoint_dir`` (None: no backups) must outlive the process to be of any use: it holds the
+    state of the last finished epoch until training completes, and is emptied then.
+    ``on_epoch(epoch, row)`` is called after every epoch with the 1-based epoch and its row.
+    """
     tf.keras.utils.set_random_seed(cfg.train.seed)
     configure_precision(cfg.train.mixed_precision)
     strategy = make_strategy(cfg.train.strategy)
+    if checkpoint_dir is not None and isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        raise DataError(
+            "checkpoint_dir: Keras's BackupAndRestore cannot back up train.strategy=cpu"
+        )
     examples = pipeline.make_examples(data.train, cfg.train.weighting)
     if len(examples) == 0:
         raise ValueError("no training interactions left after the split")
@@ -168,10 +205,9 @@ def fit(
         if cfg.train.batch_size == "auto"
         else int(cfg.train.batch_size)
     )
-    table = pipeline.history_table(data.train)
     ds = pipeline.training_dataset(
         examples,
-        pipeline.history_matrix(data.train, 4 * cfg.model.history_max_len, cfg.train.seed),
+        data.train,
         batch_size=batch_size,
         history_max_len=cfg.model.history_max_len,
         user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,
@@ -180,11 +216,8 @@ def fit(
     with strategy.scope():
         model = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
         model.compile(optimizer=_optimizer(cfg.train, max(1, int(ds.cardinality()))))
-    manager = None
-    if checkpoint_dir is not None:
-        ckpt = tf.train.Checkpoint(model=model)
-        manager = tf.train.CheckpointManager(ckpt, str(checkpoint_dir), max_to_keep=2)
-    callback = _EpochCallback(cfg, data, table, len(examples), manager, on_epoch)
+    validation = _Validation(cfg, data, len(examples), on_epoch)
+    callbacks, stopper = _callbacks(cfg, validation, checkpoint_dir)
     log.info(
         "training on %d interactions, %d users, %d tracks, batch %d, strategy %s (%d replicas)",
         len(examples),
@@ -194,14 +227,17 @@ def fit(
         type(strategy).__name__,
         strategy.num_replicas_in_sync,
     )
-    model.fit(ds, epochs=cfg.train.epochs, callbacks=[callback], verbose=0)
-    known = (data.train + data.val).tocsr()
+    model.fit(ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
+    best_epoch = max(validation.rows, default=0)
+    if stopper is not None and stopper.best_weights is not None:
+        best_epoch = stopper.best_epoch + 1
+    best = validation.rows.get(best_epoch, {})
     return FitResult(
         model=model,
-        table=pipeline.history_table(known),
-        known=known,
-        history=callback.history,
-        best_epoch=callback.best_epoch,
+        known=(data.train + data.val).tocsr(),
+        history=[validation.rows[e] for e in sorted(validation.rows)],
+        best_epoch=best_epoch,
+        best_val={k: v for k, v in best.items() if k.startswith("val_")},
         batch_size=batch_size,
         strategy=type(strategy).__name__,
         replicas=strategy.num_replicas_in_sync,

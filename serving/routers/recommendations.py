@@ -1,9 +1,13 @@
 """Recommendation endpoints: validate against Settings limits, delegate to the Recommender.
 
-Single-user handlers are ``async``: scoring takes well under a millisecond, and the hop into the
-threadpool (a GIL hand-off) measured 1-2 ms at p50 on a busy 2-core box, more than the work
-itself. The batch handler can score a thousand users, so it stays ``def`` and runs in the
-threadpool, off the event loop.
+Single-user handlers are ``async``: a known user whose top list was precomputed at start-up is a
+slice, well under a millisecond, and the hop into the threadpool (a GIL hand-off) measured 1-2 ms
+at p50 on a busy 2-core box, more than that work. Other single-user requests (sessions, excludes
+that exhaust the precomputed list, every request when the catalogue is too large to precompute)
+score every track on the event loop, which is cheap only for small catalogues. The batch handler
+stays ``def`` and runs in the threadpool, but its Python parts still hold the GIL: a 1,000-user
+batch measured a 1.7 s stall of ``/healthz``. Both limits belong to the catalogue-scale serving
+work, not to these handlers.
 """
 
 from __future__ import annotations

@@ -19,10 +19,26 @@ import httpx
 import pandas as pd
 import pytest
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
-TT = [sys.executable, "-c", "from tracktower.training.cli import main; main()"]
+TT = [sys.executable, "-c", "from tracktower.features.cli import main; main()"]
+# The CLI, reporting at exit which heavy packages the command imported.
+PROBE = [
+    sys.executable,
+    "-c",
+    "import sys\n"
+    "from tracktower.features.cli import main\n"
+    "try:\n"
+    "    main()\n"
+    "finally:\n"
+    "    heavy = [m for m in ('tensorflow', 'tracktower.training') if m in sys.modules]\n"
+    "    print('imported:', ','.join(heavy), file=sys.stderr)\n",
+]
+
+
+def _imported(stderr: str) -> set[str]:
+    (line,) = [line for line in stderr.splitlines() if line.startswith("imported:")]
+    return set(filter(None, line.removeprefix("imported:").strip().split(",")))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -34,9 +50,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _tt(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
+def _tt(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600, cmd=TT):
     return subprocess.run(
-        [*TT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        [*cmd, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -152,11 +174,33 @@ def test_train_register_and_serve_champion_through_a_real_mlflow_server(
     assert list(mine["track_id"][:5]) == [i["track_id"] for i in body["items"]]
 
 
-def test_default_store_is_sqlite_in_the_working_directory(synth_dir: Path, tmp_path: Path):
+def _test_lines(stdout: str) -> list[str]:
+    return [line.strip() for line in stdout.splitlines() if line.startswith("  test ")]
+
+
+def test_default_store_then_evaluate_and_register_as_separate_stages(
+    synth_dir: Path, tmp_path: Path
+):
+    """Train into ./mlflow.db; re-score the registered model (same data, same split: the same
+    figures); register the same run again as a new version without touching the champion."""
     env = _env()
     proc = _train(tmp_path, env, synth_dir, "--set", "train.epochs=1", "--no-baseline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mlflow.db").exists()
+    run_id = proc.stdout.split("run ", 1)[1].split(":", 1)[0]
+    trained = _test_lines(proc.stdout)
+    assert trained and any("recall_at_20" in line for line in trained)
+
+    evaluated = _tt(["evaluate", "--model", "models:/tracktower/1", "--no-log"], tmp_path, env)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "the data it was trained on" in evaluated.stdout
+    assert _test_lines(evaluated.stdout) == trained
+
+    again = _tt(["register", "--run-id", run_id, "--no-promote"], tmp_path, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "models:/tracktower/2" in again.stdout and "unchanged" in again.stdout
+    missing = _tt(["register", "--run-id", "f" * 32], tmp_path, env)
+    assert missing.returncode == 2 and "error: no run" in missing.stderr, missing.stderr
     users = tmp_path / "users.txt"
     users.write_text("nobody\n")
     rec = _tt(
@@ -183,10 +227,10 @@ def test_bad_input_exits_2_with_one_line_and_registers_nothing(
 ):
     bad = tmp_path / "bad.csv"
     bad.write_text(content)
-    proc = _tt(
-        ["train", "--config", str(SMOKE), "--interactions", str(bad)], tmp_path, _env(), timeout=120
-    )
+    args = ["train", "--config", str(SMOKE), "--interactions", str(bad)]
+    proc = _tt(args, tmp_path, _env(), timeout=120, cmd=PROBE)
     assert proc.returncode == 2, proc.stderr
+    assert "tensorflow" not in _imported(proc.stderr), "data is validated before TF starts"
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and needle in lines[0] and "bad.csv" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
@@ -215,3 +259,32 @@ def test_non_utf8_and_missing_tracks_match(tmp_path: Path, synth_dir: Path):
     )
     assert proc.returncode == 2 and "tracks.csv" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_and_its_worker_never_import_training(tmp_path: Path):
+    import builders
+
+    artifact = builders.write_fake_artifact(tmp_path / "artifact", 30, 200, 8, True)
+    port = _port()
+    proc = subprocess.Popen(
+        [*PROBE, "serve", "--model", str(artifact), "--port", str(port)],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert proc.poll() is None, "server exited before it was ready"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert "tracktower.training" not in _imported(stderr), stderr[-2000:]

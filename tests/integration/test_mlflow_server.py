@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import mlflow
 import pandas as pd
-import pytest
+from builders import write_fake_artifact
 from mlflow import MlflowClient
 
-from tracktower.training import tracking
-
-pytestmark = pytest.mark.slow
+from tracktower.features.artifact import FORMAT_VERSION
+from tracktower.training import stages, tracking
 
 TRIVIAL_MODEL = """
 import mlflow.pyfunc
@@ -28,16 +25,6 @@ class Echo(mlflow.pyfunc.PythonModel):
 
 set_model(Echo())
 """
-
-
-def _serving_fixtures() -> ModuleType:
-    """The unit tests' fake-artifact writer (tests/ is not a package, so load it by path)."""
-    path = Path(__file__).parents[1] / "unit" / "serving_fixtures.py"
-    spec = importlib.util.spec_from_file_location("serving_fixtures", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_run_registration_and_alias_download(mlflow_tracking: str, tmp_path: Path) -> None:
@@ -68,18 +55,14 @@ def test_run_registration_and_alias_download(mlflow_tracking: str, tmp_path: Pat
 
 def test_champion_rule_over_rest(mlflow_tracking: str, tmp_path: Path) -> None:
     """The missing-alias error code arrives over HTTP here, not from a local store."""
-    artifact = _serving_fixtures().write_fake_artifact(tmp_path / "export", 20, 50, 8, False)
+    artifact = write_fake_artifact(tmp_path / "export", 20, 50, 8, False)
 
-    def register(recall: float) -> tracking.Registration:
-        with tracking.experiment_run("server-train", "train"):
+    def register(recall: float) -> stages.Registration:
+        with tracking.experiment_run("server-train", "train") as run:
             mlflow.log_param("dataset.fingerprint", "a" * 64)
-            return tracking.log_and_register_model(
-                artifact,
-                model_name="tracktower-it",
-                fingerprint="a" * 64,
-                test_recall_at_20=recall,
-                promote=None,
-            )
+            tracking.log_metrics({"recall_at_20": recall}, prefix="test_")
+            tracking.log_model(artifact)
+            return stages.register(run.info.run_id, model_name="tracktower-it", promote=None)
 
     first, worse = register(0.3), register(0.2)
     assert (first.champion, first.reason) == (True, "no champion yet")
@@ -91,6 +74,8 @@ def test_champion_rule_over_rest(mlflow_tracking: str, tmp_path: Path) -> None:
         )
     )
     (manifest,) = local.rglob("manifest.json")
-    assert json.loads(manifest.read_text())["format_version"] == 1
+    written = json.loads(manifest.read_text())
+    assert written["format_version"] == FORMAT_VERSION
+    assert (written["model_name"], written["model_version"]) == ("tracktower-it", first.version)
     model = mlflow.pyfunc.load_model(f"models:/tracktower-it/{first.version}")
     assert len(model.predict(pd.DataFrame({"user_id": ["u00001"], "k": [3]}))) == 3

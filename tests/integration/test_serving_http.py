@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -11,22 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 
+import builders
 import httpx
 import pytest
-
-pytestmark = pytest.mark.slow
-
-
-def _fixtures() -> ModuleType:
-    """tests/unit/serving_fixtures.py, loaded by path (tests/unit is not a package)."""
-    path = Path(__file__).parents[1] / "unit" / "serving_fixtures.py"
-    spec = importlib.util.spec_from_file_location("serving_fixtures_http", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _free_port() -> int:
@@ -68,7 +55,7 @@ def _running(cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("http")
-    artifact = _fixtures().write_fake_artifact(root / "artifact", 40, 300, 8, True)
+    artifact = builders.write_fake_artifact(root / "artifact", 40, 300, 8, True)
     port = _free_port()
     env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact), "TRACKTOWER_MAX_K": "50"}
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "tracktower.serving.app:factory"]
@@ -128,7 +115,7 @@ def test_endpoints_over_http(server: tuple[str, Path]) -> None:
 
 def test_tracktower_serve(tmp_path: Path) -> None:
     """The console command: precomputed lists, C parser and loop, no per-request access log."""
-    artifact = _fixtures().write_fake_artifact(tmp_path / "artifact", 30, 200, 8, False)
+    artifact = builders.write_fake_artifact(tmp_path / "artifact", 30, 200, 8, False)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKTOWER_")}
     exe = Path(sys.executable).with_name("tracktower")

@@ -11,20 +11,30 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from mlflow import MlflowClient
 
 from tracktower.features import synth
+from tracktower.features.artifact import (
+    HISTORY_INPUT,
+    HISTORY_OUTPUT,
+    HISTORY_SIGNATURE,
+    SAVED_MODEL_DIR,
+    read_arrays,
+    read_manifest,
+)
+from tracktower.features.errors import DataError
 from tracktower.features.ranking import score_chunks
 from tracktower.features.tf import tf
 from tracktower.serving.artifact import Recommender
-from tracktower.training import evaluate
-from tracktower.training.config import load_config
+from tracktower.training import evaluate, pipeline, stages
+from tracktower.training import train as train_module
+from tracktower.training.config import ModelConfig, load_config
 from tracktower.training.data import prepare
 from tracktower.training.export import ExportInputs, export_artifact
-from tracktower.training.run import train_and_register
+from tracktower.training.model import TwoTowerModel
 from tracktower.training.train import fit
 
-pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
 
@@ -67,14 +77,15 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def first_run(synth_data: Path, store: str):
-    return train_and_register(_cfg(synth_data), config_path=SMOKE)
+    return stages.train(_cfg(synth_data), config_path=SMOKE)
 
 
-def test_first_run_registers_champion_and_beats_popularity_twice(first_run):
+def test_first_run_registers_champion_and_beats_popularity_twice(first_run, store):
     assert first_run.champion
     assert first_run.model_uri == "models:/tracktower/1"
     model = first_run.metrics["recall_at_20"]
-    popular = first_run.baseline_metrics["recall_at_20"]
+    baseline = MlflowClient(store).get_run(first_run.baseline_run_id)
+    popular = baseline.data.metrics["test_recall_at_20"]
     assert model >= 2 * popular, (model, popular)
 
 
@@ -87,8 +98,14 @@ def test_mlflow_has_both_systems_with_the_same_metric_names(first_run, store):
     assert {"test_recall_at_20", "test_ndcg_at_10", "test_coverage_at_10"} <= test_names
     assert two_tower.data.params["model.embedding_dim"] == "32"
     assert two_tower.data.params["dataset.fingerprint"] == first_run.dataset["fingerprint"]
-    history = client.get_metric_history(first_run.run_id, "val_recall_at_20")
+    history = client.get_metric_history(first_run.run_id, "epoch_val_recall_at_20")
     assert len(history) >= 1
+    kept = two_tower.data.metrics["best_epoch"]
+    assert two_tower.data.metrics["val_recall_at_20"] == pytest.approx(
+        next(m.value for m in history if m.step == kept)
+    ), "plain val_* columns are the kept epoch's"
+    assert two_tower.data.tags["mlflow.runName"].startswith("smoke d32 ")
+    assert two_tower.data.tags["baseline_run_id"] == first_run.baseline_run_id
     assert two_tower.inputs.dataset_inputs, "dataset not logged as an MLflow input"
     artifacts = {a.path for a in client.list_artifacts(first_run.run_id)}
     assert {"config", "plots"} <= artifacts
@@ -97,69 +114,61 @@ def test_mlflow_has_both_systems_with_the_same_metric_names(first_run, store):
 
 
 def test_worse_run_and_final_run_leave_the_champion_alone(first_run, synth_data, store):
-    worse = train_and_register(
-        _cfg(synth_data, "train.epochs=1", "train.learning_rate=0.00001"), baseline=False
-    )
+    worse = stages.train(_cfg(synth_data, "train.epochs=1", "train.learning_rate=0.00001"))
     assert not worse.champion
     assert worse.metrics["recall_at_20"] < first_run.metrics["recall_at_20"]
-    final = train_and_register(_cfg(synth_data, "train.epochs=1"), final=True)
-    assert not final.champion and final.metrics == {}
+    # Same data and split: the popularity baseline is not logged a second time.
+    assert worse.baseline_run_id == first_run.baseline_run_id
     client = MlflowClient(store)
+    popular_runs = client.search_runs(
+        [client.get_run(first_run.run_id).info.experiment_id], "tags.system = 'popular'"
+    )
+    assert len(popular_runs) == 1
+    final = stages.train(_cfg(synth_data, "train.epochs=1"), final=True)
+    assert not final.champion and final.metrics == {}
     assert str(client.get_model_version_by_alias("tracktower", "champion").version) == "1"
     assert client.get_run(final.run_id).data.params["final"] == "True"
 
 
 def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
-    cfg = _cfg(synth_data, "train.epochs=1")
+    # No user-id embedding: a known user's exported embedding is then exactly what the history
+    # tower makes of their known tracks, which the reloaded SavedModel must reproduce.
+    cfg = _cfg(synth_data, "train.epochs=1", "model.use_user_id=false")
     data = prepare(cfg.data, cfg.split)
     result = fit(cfg, data.encoded, data.track_artist)
     enc = data.encoded
     artifact = export_artifact(
         ExportInputs(
-            result.model,
-            result.table,
-            enc.user_ids,
-            enc.track_ids,
-            result.known,
-            None,
-            {
+            model=result.model,
+            user_ids=enc.user_ids,
+            track_ids=enc.track_ids,
+            known=result.known,
+            tracks=None,
+            manifest={
                 "model_name": "tracktower",
                 "dataset": {"fingerprint": data.fingerprint, **data.stats},
             },
         ),
         tmp_path / "artifact",
-        top_k=20,
     )
     users = np.arange(0, len(enc.user_ids), 37)
-    queries = evaluate.user_embeddings(result.model, result.table, users)
+    queries = evaluate.user_embeddings(result.model, result.known, users)
     candidates = evaluate.track_embeddings(result.model)
+    arrays = read_arrays(artifact, read_manifest(artifact))
 
-    # 1. SavedModel signature == plain numpy brute force over the in-memory towers.
-    loaded = tf.saved_model.load(str(artifact / "saved_model"))
-    out = loaded.signatures["serving_default"](user_id=tf.constant(enc.user_ids[users]))
-    brute = np.argsort(-(queries @ candidates.T), axis=1, kind="stable")[:, :20]
-    got = np.vectorize(lambda b: b.decode())(out["track_ids"].numpy())
-    np.testing.assert_array_equal(got, enc.track_ids[brute])
-    np.testing.assert_allclose(
-        out["scores"].numpy(), np.take_along_axis(queries @ candidates.T, brute, 1), atol=1e-5
-    )
+    # 1. The arrays hold the in-memory towers' embeddings.
+    np.testing.assert_allclose(arrays["user_embeddings"][users], queries, atol=1e-6)
+    np.testing.assert_allclose(arrays["track_embeddings"], candidates, atol=1e-6)
 
-    # 2. History signature == in-memory query tower with the user id hidden.
-    hist = [enc.track_ids[enc.train[u].indices] for u in users[:3]]
+    # 2. The reloaded SavedModel, given each user's known tracks as raw ids ("" padding), returns
+    # that user's exported embedding, under both of its signature names.
+    loaded = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
+    hist = [enc.track_ids[result.known[u].indices] for u in users]
     width = max(len(h) for h in hist)
-    padded = np.array([list(h) + [""] * (width - len(h)) for h in hist])
-    session = loaded.signatures["query_from_history"](track_ids=tf.constant(padded))
-    idx = np.array(
-        [
-            [i + 1 for i in enc.train[u].indices] + [0] * (width - enc.train[u].nnz)
-            for u in users[:3]
-        ],
-        dtype=np.int32,
-    )
-    expected = result.model.query_tower(
-        {"user": tf.zeros(3, tf.int32), "history": tf.constant(idx)}
-    ).numpy()
-    np.testing.assert_allclose(session["query_embedding"].numpy(), expected, atol=1e-5)
+    padded = tf.constant(np.array([list(h) + [""] * (width - len(h)) for h in hist]))
+    for name in (HISTORY_SIGNATURE, "serving_default"):
+        session = loaded.signatures[name](**{HISTORY_INPUT: padded})[HISTORY_OUTPUT].numpy()
+        np.testing.assert_allclose(session, arrays["user_embeddings"][users], atol=1e-5)
 
     # 3. No training/serving skew: the server's top-K == the offline evaluation's top-K, and both
     # treat the early-stopping slice as known history (never recommended back).
@@ -180,7 +189,7 @@ from tracktower.features.tf import tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-from tracktower.training.config import load_config
+from tracktower.training.config import ModelConfig, load_config
 from tracktower.training.data import prepare
 from tracktower.training.train import fit
 cfg = load_config({str(SMOKE)!r}, ["data.interactions={synth_data / "interactions.parquet"}",
@@ -199,4 +208,142 @@ print(json.dumps({{"strategy": result.strategy, "replicas": result.replicas,
     assert out["replicas"] == 2
     assert np.isfinite(out["history"][0]["loss"])
     assert out["history"][0]["val_recall_at_20"] > 0
-    assert any(p.name.startswith("ckpt-") for p in (tmp_path / "ckpt").iterdir())
+    # A completed run leaves no backup behind (BackupAndRestore ran under the mirrored strategy).
+    assert not list((tmp_path / "ckpt").rglob("ckpt-*"))
+
+
+def _scripted_validation(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> list:
+    """Each epoch's validation returns the next score; the weights it saw are recorded."""
+    weights: list[list[np.ndarray]] = []
+
+    def scripted(self: train_module._Validation) -> dict[str, float]:
+        weights.append(self.model.get_weights())
+        return {"recall_at_20": scores[len(weights) - 1]}
+
+    monkeypatch.setattr(train_module._Validation, "_validate", scripted)
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("scores", "epochs", "best"),
+    [
+        ([0.1, 0.3, 0.2], 3, 2),  # runs out of epochs after a worse one: still restores
+        ([0.3, 0.2, 0.1, 0.5], 4, 1),  # patience 2 stops after epoch 3, before the better one
+    ],
+)
+def test_fit_keeps_the_best_epochs_weights_and_reports_its_metrics(
+    synth_data, monkeypatch, scores, epochs, best
+):
+    weights = _scripted_validation(monkeypatch, scores)
+    cfg = _cfg(synth_data, f"train.epochs={epochs}", "train.early_stopping.patience=2")
+    data = prepare(cfg.data, cfg.split)
+    result = fit(cfg, data.encoded, data.track_artist)
+    assert [row["val_recall_at_20"] for row in result.history] == scores[:3]  # 3 epochs each
+    assert result.best_epoch == best
+    assert result.best_val == {"val_recall_at_20": scores[best - 1]}
+    kept = result.model.get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(kept, weights[best - 1], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(kept, weights[-1], strict=True))
+
+
+def test_unknown_early_stopping_metric_is_a_one_line_error(synth_data):
+    cfg = _cfg(synth_data, "train.epochs=1", "train.early_stopping.metric=recall_at_30")
+    data = prepare(cfg.data, cfg.split)
+    with pytest.raises(DataError, match=r"train\.early_stopping\.metric: 'recall_at_30'"):
+        fit(cfg, data.encoded, data.track_artist)
+
+
+def test_an_interrupted_fit_resumes_from_its_checkpoint_dir(synth_data, tmp_path):
+    cfg = _cfg(synth_data, "train.epochs=3", "train.early_stopping.patience=5")
+    data = prepare(cfg.data, cfg.split)
+    backup = tmp_path / "backup"
+
+    def interrupt(epoch: int, row: dict[str, float]) -> None:
+        if epoch == 2:  # before epoch 2's backup: the job dies with epoch 1 saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, data.encoded, data.track_artist, checkpoint_dir=backup, on_epoch=interrupt)
+    assert list(backup.rglob("ckpt-*"))
+    seen: list[int] = []
+    result = fit(
+        cfg,
+        data.encoded,
+        data.track_artist,
+        checkpoint_dir=backup,
+        on_epoch=lambda e, r: seen.append(e),
+    )
+    assert seen == [2, 3] and len(result.history) == 2
+    steps = len(data.encoded.train.data) // result.batch_size
+    # The optimizer resumed too (its step count drives the learning-rate schedule).
+    assert int(result.model.optimizer.iterations.numpy()) == 3 * steps
+    assert not list(backup.rglob("ckpt-*"))
+
+
+# Tiny models on clustered data built here: each tower and loss learns something.
+
+
+def _clustered(users=120, tracks=200, per_user=12, clusters=4, seed=0):
+    rng = np.random.default_rng(seed)
+    size = tracks // clusters
+    rows, cols = [], []
+    for u in range(users):
+        c = u % clusters
+        rows += [u] * per_user
+        cols += list(rng.choice(np.arange(c * size, (c + 1) * size), per_user, replace=False))
+    data = rng.integers(1, 20, len(rows)).astype(np.float32)
+    return sp.csr_matrix((data, (rows, cols)), shape=(users, tracks))
+
+
+def _dataset(x: sp.csr_matrix, weighting: str):
+    return pipeline.training_dataset(
+        pipeline.make_examples(x, weighting),
+        x,
+        batch_size=128,
+        history_max_len=10,
+        user_id_dropout=0.0,
+        seed=0,
+    )
+
+
+def test_model_learns_clusters_better_than_chance():
+    tf.keras.utils.set_random_seed(0)
+    x = _clustered()
+    cfg = ModelConfig(embedding_dim=16, query_layers=[32], temperature=0.1)
+    model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
+    ds = _dataset(x, "none")
+    losses = model.fit(ds, epochs=6, verbose=0).history["loss"]
+    assert losses[-1] < losses[0]
+    q = evaluate.user_embeddings(model, x, np.arange(x.shape[0]))
+    c = evaluate.track_embeddings(model)
+    top = np.argsort(-(q @ c.T), axis=1)[:, :20]
+    same_cluster = (top // 50) == (np.arange(x.shape[0]) % 4)[:, None]
+    assert same_cluster.mean() > 0.8  # chance is 0.25
+
+
+def test_mixed_negatives_loss_runs_and_decreases():
+    tf.keras.utils.set_random_seed(0)
+    x = _clustered()
+    cfg = ModelConfig(
+        embedding_dim=8,
+        query_layers=[],
+        use_user_id=False,
+        uniform_negatives=32,
+        negatives="in_batch",
+    )
+    model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
+    ds = _dataset(x, "log1p")
+    losses = model.fit(ds, epochs=3, verbose=0).history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_full_softmax_learns():
+    tf.keras.utils.set_random_seed(0)
+    x = _clustered()
+    model = TwoTowerModel(ModelConfig(embedding_dim=8), x.shape[0], x.shape[1])
+    assert model.full_softmax
+    model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
+    losses = model.fit(_dataset(x, "none"), epochs=3, verbose=0).history["loss"]
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from builders import synthetic_interactions
 
 from tracktower.features.errors import DataError
 from tracktower.training.baselines import Recommender, make_recommender
@@ -92,11 +92,53 @@ def test_ials_beats_popularity_on_clusters() -> None:
 
     enc = _clustered()
     ks = (5, 10, 20)
-    pop = evaluate_recommender(Popularity().fit(enc.train), enc, "test", ks)
-    ials = IALS(factors=8, regularization=0.1, alpha=10.0, iterations=10, num_threads=1)
-    als = evaluate_recommender(ials.fit(enc.train), enc, "test", ks)
+
+    def test(model: Recommender) -> dict[str, float]:
+        fitted = model.fit(enc.train)
+        return evaluate_recommender(fitted, enc.test, enc.test_unknown, ks, exclude=enc.train)
+
+    pop = test(Popularity())
+    als = test(IALS(factors=8, regularization=0.1, alpha=10.0, iterations=10, num_threads=1))
     assert als["ndcg_at_10"] > pop["ndcg_at_10"] + 0.1
     assert als["recall_at_10"] >= pop["recall_at_10"]
+
+
+def test_evaluation_excludes_exactly_what_it_is_given() -> None:
+    """The exclusion set is the caller's: validation tracks excluded only when passed in."""
+    from tracktower.training.baselines.runner import evaluate_recommender
+
+    # Track 0 is everyone's top-popular; user 0 had it in validation, user 1 in training.
+    train = sp.csr_matrix(np.array([[0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0]]))
+    val = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    test = sp.csr_matrix(np.array([[0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]))
+    model = Popularity().fit(train)  # counts [3, 2, 1, 0]
+    train_only = evaluate_recommender(model, test, None, (1,), exclude=train)
+    known = sp.csr_matrix(train + val)
+    both = evaluate_recommender(model, test, None, (1,), exclude=known)
+    # Train only: user 0 is offered its validation track 0 (a miss), user 1 gets track 1 (miss).
+    assert train_only["recall_at_1"] == 0.0
+    # Train + validation: user 0 gets track 2 (a hit); user 1 is unchanged.
+    assert both["recall_at_1"] == pytest.approx(0.5)
+    one_user = evaluate_recommender(model, test, None, (1,), exclude=known, users=np.array([0]))
+    assert one_user["recall_at_1"] == 1.0
+    with pytest.raises(ValueError, match="exclude has shape"):
+        evaluate_recommender(model, test, None, (1,), exclude=train[:3])
+
+
+def test_evaluation_matches_one_unchunked_top_k(monkeypatch) -> None:
+    """Row blocks (here 2 users each, as if the catalogue were huge) change nothing."""
+    from tracktower.features import ranking
+    from tracktower.training.baselines.runner import evaluate_recommender
+    from tracktower.training.metrics import ranking_metrics
+
+    monkeypatch.setattr(ranking, "SCORE_BUDGET", 2 * 40)
+    x = _random_binary(31, 40, 0.2, seed=4)
+    truth = _random_binary(31, 40, 0.1, seed=5)
+    model = EASE(5.0).fit(x)
+    got = evaluate_recommender(model, truth, None, (10, 20), exclude=x)
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    idx, _ = ranking.top_k(model.score(users), 20, x, rows=users)
+    assert got == ranking_metrics(idx, truth[users], None, (10, 20), n_items=40)
 
 
 def test_ials_confidence_scaling() -> None:
@@ -104,31 +146,6 @@ def test_ials_confidence_scaling() -> None:
     np.testing.assert_allclose(IALS(alpha=2.0).confidence(x).data, [7.0, 3.0])
     log = IALS(alpha=2.0, scaling="log", eps=1.0).confidence(x).data
     np.testing.assert_allclose(log, 1 + 2 * np.log1p([3.0, 1.0]), rtol=1e-6)
-
-
-def test_ials_pins_blas_to_one_thread_in_a_fresh_process() -> None:
-    """threadpoolctl only limits loaded libraries; implicit loads scipy's OpenBLAS on import.
-
-    Entering the limit before that import left BLAS multi-threaded under implicit's OpenMP pool
-    (minutes instead of seconds per fit). A fresh process is needed: in this one scipy.linalg is
-    long loaded. implicit's own warning fires when BLAS has more than one thread.
-    """
-    import subprocess
-    import sys
-
-    code = (
-        "import warnings, numpy as np, scipy.sparse as sp\n"
-        "warnings.simplefilter('error', RuntimeWarning)\n"
-        "from tracktower.training.baselines.ials import IALS\n"
-        "x = sp.random(50, 40, density=0.2, format='csr', dtype=np.float32, random_state=0)\n"
-        "IALS(factors=4, iterations=2).fit(x)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
-    env["OPENBLAS_NUM_THREADS"] = "2"  # what an unconfigured multi-core machine would use
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_make_recommender_rejects_unknown() -> None:
@@ -205,84 +222,54 @@ def test_min_track_users_prunes_tracks_but_keeps_light_users(tmp_path) -> None:
         prepare(DataConfig(interactions=src, min_track_users=50), split)
 
 
-def _synthetic_interactions(path, users: int = 60, tracks: int = 40, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    rows = [
-        (f"u{u}", f"t{t}", 1.0)
-        for u in range(users)
-        for t in rng.choice(tracks, size=12, replace=False)
-    ]
-    pd.DataFrame(rows, columns=["user_id", "track_id", "weight"]).to_parquet(path)
-
-
-def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
-    import mlflow
-
-    from tracktower.training.baselines.runner import run_baseline
+def test_runner_excludes_train_and_validation_unless_told(tmp_path) -> None:
+    """By default the baseline's test lists exclude what the two-tower test excludes."""
+    from tracktower.training.baselines.runner import (
+        evaluate_recommender,
+        run_baseline,
+    )
     from tracktower.training.config import DataConfig, SplitConfig
     from tracktower.training.data import prepare
 
-    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the cwd
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     src = tmp_path / "interactions.parquet"
-    _synthetic_interactions(src)
-    data = prepare(DataConfig(interactions=src), SplitConfig(val_fraction=0.0, test_fraction=0.2))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = run_baseline(
-        "ease",
-        data,
-        [{"l2": 10.0}, {"l2": 100.0}],
-        experiment="baselines-test",
-        tracking_uri=uri,
-        params={"split": {"seed": 0}},
-    )
-    assert len(out.results) == 2
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name("baselines-test")
-    assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["ease λ=10", "ease λ=100"]
-    for run in runs:
-        metrics = run.data.metrics
-        for name in ("recall_at_10", "recall_at_20", "recall_at_50", "recall_at_100"):
-            assert f"test_{name}" in metrics
-        assert {"test_ndcg_at_10", "test_ndcg_at_100", "fit_seconds"} <= set(metrics)
-        assert run.data.params["model"] == "ease"
-        assert run.data.params["dataset.fingerprint"] == data.fingerprint
-        assert run.data.params["split.seed"] == "0"
-        assert run.data.tags["system"] == "ease"
-        assert run.info.status == "FINISHED"
-    best = [r for r in runs if r.data.tags.get("sweep.best") == "true"]
-    assert [r.info.run_id for r in best] == [out.best.run_id]
+    synthetic_interactions(src)
+    data = prepare(DataConfig(interactions=src), SplitConfig(val_fraction=0.2, test_fraction=0.2))
+    enc = data.encoded
+    assert enc.val.nnz > 0
+    np.testing.assert_array_equal(enc.known.toarray(), (enc.train + enc.val).toarray())
 
-    # A too-large EASE is refused before any run is started, not as a FAILED run.
-    with pytest.raises(DataError, match="max_items"):
-        run_baseline(
-            "ease",
-            data,
-            [{"l2": 10.0, "max_items": 5}],
-            experiment="baselines-test",
-            tracking_uri=uri,
-        )
-    assert len(client.search_runs([exp.experiment_id])) == 2
+    def by_runner(**kwargs: object) -> dict[str, float]:
+        (result,) = run_baseline("popular", data, [{}], log_to_mlflow=False, **kwargs).results
+        return result.metrics
+
+    def direct(exclude: sp.csr_matrix) -> dict[str, float]:
+        model = Popularity().fit(enc.train)
+        return evaluate_recommender(model, enc.test, enc.test_unknown, exclude=exclude)
+
+    assert by_runner() == direct(enc.known)
+    assert by_runner(exclude=enc.train) == direct(enc.train)
+    assert direct(enc.train) != direct(enc.known)  # the choice is visible here
 
 
 def test_baseline_cli_exit_2_on_bad_input(tmp_path, monkeypatch) -> None:
+    import typer
     from typer.testing import CliRunner
 
-    from tracktower.training.baselines.cli import app
+    from tracktower.training.baselines.cli import baseline_command
 
+    app = typer.Typer()
+    app.command()(baseline_command)
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    missing = runner.invoke(app, ["--model", "ease", "--interactions", str(tmp_path / "no.csv")])
+    missing = runner.invoke(app, ["ease", "--interactions", str(tmp_path / "no.csv")])
     assert missing.exit_code == 2
     assert "error:" in missing.stderr and "no.csv" in missing.stderr
-    bad_model = runner.invoke(app, ["--model", "svd", "--interactions", "x.csv"])
+    bad_model = runner.invoke(app, ["svd", "--interactions", "x.csv"])
     assert bad_model.exit_code == 2
     src = tmp_path / "i.parquet"
-    _synthetic_interactions(src)
+    synthetic_interactions(src)
     bad_fraction = runner.invoke(
-        app, ["--model", "popular", "--interactions", str(src), "--test-fraction", "1.5"]
+        app, ["popular", "--interactions", str(src), "--test-fraction", "1.5"]
     )
     assert bad_fraction.exit_code == 2
     assert "test_fraction" in bad_fraction.stderr

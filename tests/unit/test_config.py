@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from tracktower.features import io
 from tracktower.features.errors import DataError
 from tracktower.training.config import ExperimentConfig, flatten, load_config
+from tracktower.training.metrics import DEFAULT_KS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,8 @@ def test_flatten_gives_dotted_scalars():
         ("", ["noequals"], "key=value"),
         ("train:\n  epochs: 3\n", ["train.epochs.x=1"], "not a section"),
         ("split:\n  val_fraction: 0.5\n  test_fraction: 0.45\n", [], "10%"),
+        ("data:\n  columns:\n    usr: listener\n", [], "data.columns.usr"),
+        ("", ["data.columns.user="], "data.columns.user"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, text, overrides, needle):
@@ -58,3 +62,18 @@ def test_bad_config_is_one_clear_line(tmp_path, text, overrides, needle):
 def test_missing_config_file_names_it(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_columns_are_what_the_reader_takes(tmp_path):
+    src = tmp_path / "plays.csv"
+    src.write_text("listener,song,count\na,x,3\nb,y,1\n")
+    columns = {"user": "listener", "track": "song", "weight": "count"}
+    cfg = load_config(None, [f"data.columns.{key}={name}" for key, name in columns.items()])
+    assert isinstance(cfg.data.columns, io.ColumnMap)
+    frame = io.read_interactions(src, cfg.data.columns)
+    assert frame["weight"].tolist() == [3.0, 1.0]
+    assert flatten(cfg)["data.columns.weight"] == "count"
+
+
+def test_default_ks_are_the_metrics_defaults():
+    assert tuple(ExperimentConfig().eval.ks) == DEFAULT_KS

@@ -10,7 +10,8 @@ import typer
 from pydantic import BaseModel, ValidationError
 from typer.testing import CliRunner
 
-from tracktower.features.cli import app, guarded, run_guarded
+from tracktower.features.cli import data_app as app
+from tracktower.features.cli import guarded, run_guarded
 from tracktower.features.errors import DataError
 
 runner = CliRunner()

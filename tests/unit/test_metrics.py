@@ -8,30 +8,49 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from tracktower.training.metrics import coverage, ranking_metrics
+from tracktower.training.metrics import coverage, ranking_metrics, users_with_heldout
 
 
 def test_hand_computed_example() -> None:
     # user 0 held out {1, 3}; user 1 held out {0} plus one track unknown to training;
-    # user 2 held out nothing and must not count.
+    # user 2 held out nothing and must not count. Slots after the third are unfilled (-1).
     truth = sp.csr_matrix(
         np.array([[0, 1, 0, 1, 0], [2, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32)
     )
     unknown = np.array([0, 1, 0])
-    top = np.array([[3, 2, 1], [2, 0, -1], [0, 1, 2]])
-    m = ranking_metrics(top, truth, unknown, (1, 3), ndcg_ks=(3,), hit_ks=(1, 3), coverage_ks=(3,))
+    top = np.full((3, 10), -1)
+    top[:, :3] = [[3, 2, 1], [2, 0, -1], [0, 1, 2]]
+    m = ranking_metrics(top, truth, unknown, (1, 3))
     ideal2 = 1 + 1 / math.log2(3)
     ndcg_u0 = (1 + 1 / math.log2(4)) / ideal2
     ndcg_u1 = (1 / math.log2(3)) / ideal2
     assert m["recall_at_1"] == pytest.approx((1 + 0) / 2)
     assert m["recall_at_3"] == pytest.approx((2 / 2 + 1 / 2) / 2)
-    assert m["ndcg_at_3"] == pytest.approx((ndcg_u0 + ndcg_u1) / 2)
-    assert m["hit_rate_at_1"] == pytest.approx(0.5)
-    assert m["hit_rate_at_3"] == pytest.approx(1.0)
-    assert m["coverage_at_3"] == pytest.approx(4 / 5)  # users 0 and 1 show items 0-3
+    assert m["ndcg_at_10"] == pytest.approx((ndcg_u0 + ndcg_u1) / 2)
+    assert m["hit_rate_at_10"] == pytest.approx(1.0)
+    assert m["coverage_at_10"] == pytest.approx(4 / 5)  # users 0 and 1 show items 0-3
     assert set(m) == {
-        "recall_at_1", "recall_at_3", "ndcg_at_3", "hit_rate_at_1", "hit_rate_at_3", "coverage_at_3"
-    }  # fmt: skip
+        "recall_at_1",
+        "recall_at_3",
+        "ndcg_at_10",
+        "hit_rate_at_10",
+        "coverage_at_10",
+    }
+
+
+def test_users_with_heldout_counts_unknown_tracks() -> None:
+    truth = sp.csr_matrix(np.array([[0, 1], [0, 0], [0, 0], [1, 1]], dtype=np.float32))
+    np.testing.assert_array_equal(users_with_heldout(truth, None), [0, 3])
+    np.testing.assert_array_equal(users_with_heldout(truth, np.array([0, 0, 2, 0])), [0, 2, 3])
+    with pytest.raises(ValueError, match="unknown has 2 entries for 4 users"):
+        users_with_heldout(truth, np.array([0, 1]))
+
+
+def test_hit_rate_counts_users_without_a_hit() -> None:
+    truth = sp.csr_matrix(np.array([[1, 0], [0, 1]], dtype=np.float32))
+    top = np.zeros((2, 10), dtype=np.int64)  # both users are shown track 0 only
+    top[:, 1:] = -1
+    assert ranking_metrics(top, truth, ks=(10,))["hit_rate_at_10"] == pytest.approx(0.5)
 
 
 def test_recall_denominator_is_capped_at_k() -> None:

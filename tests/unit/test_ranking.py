@@ -100,3 +100,31 @@ def test_score_chunks_equals_one_big_top_k(chunk: int) -> None:
     mapped = list(ranking.score_chunks(queries[:5], candidates, 3, exclude, rows=rows))
     direct, _ = ranking.top_k(queries[:5] @ candidates.T, 3, exclude, rows)
     np.testing.assert_array_equal(mapped[0][0], direct)
+
+
+def test_top_k_chunks_keeps_blocks_within_the_score_budget(monkeypatch) -> None:
+    monkeypatch.setattr(ranking, "SCORE_BUDGET", 100)
+    rng = np.random.default_rng(0)
+    n_rows, n = 9, 30  # 3 rows of 30 candidates fit in 100 scores
+    scores = np.round(rng.standard_normal((n_rows, n)), 1).astype(np.float32)  # with ties
+    users = np.array([4, 0, 2, 1, 3, 4, 0, 2, 1])
+    exclude = sp.csr_matrix(sp.random(5, n, density=0.3, format="csr", random_state=rng))
+    blocks: list[int] = []
+
+    def scorer(block: slice) -> np.ndarray:
+        blocks.append(block.stop - block.start)
+        return scores[block].copy()
+
+    parts = list(ranking.top_k_chunks(scorer, n_rows, n, 4, exclude, rows=users))
+    assert blocks == [3, 3, 3]
+    want_idx, want_top = brute_force(scores, 4, exclude, users)
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), want_idx)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), want_top)
+
+
+def test_top_k_chunks_checks_its_arguments_at_the_call() -> None:
+    with pytest.raises(ValueError, match="chunk must be"):
+        ranking.top_k_chunks(lambda b: np.zeros((1, 3), np.float32), 1, 3, 1, chunk=0)
+    short = ranking.top_k_chunks(lambda b: np.zeros((1, 2), np.float32), 1, 3, 1)
+    with pytest.raises(ValueError, match="scorer returned shape"):
+        list(short)

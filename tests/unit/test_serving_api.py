@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from builders import brute_force, cached_artifact, fake_arrays, seen_of, user_id
 from fastapi.testclient import TestClient
-from serving_fixtures import brute_force, cached_artifact, fake_arrays, seen_of, user_id
 
 from tracktower.serving.app import create_app
 from tracktower.serving.artifact import Recommender

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_fixtures import (
+from builders import (
     brute_force,
     cached_artifact,
     fake_arrays,
@@ -18,6 +18,7 @@ from serving_fixtures import (
     write_fake_artifact,
 )
 
+from tracktower.features.artifact import ARRAYS_DIR
 from tracktower.features.errors import DataError
 from tracktower.serving.artifact import Recommender
 
@@ -45,6 +46,20 @@ def test_known_users_match_brute_force(rec: Recommender, arrays: dict[str, np.nd
         assert [item.track_id for item in got.items] == expected
         scores = [item.score for item in got.items]
         assert scores == sorted(scores, reverse=True)
+
+
+def _memory_mapped(array: object) -> bool:
+    while isinstance(array, np.ndarray):
+        if isinstance(array, np.memmap):
+            return True
+        array = array.base
+    return False
+
+
+def test_large_arrays_are_memory_mapped_not_copied(rec: Recommender) -> None:
+    large = [rec.track_embeddings, rec.user_embeddings, rec.track_ids, rec.user_ids]
+    assert all(_memory_mapped(a) for a in [*large, rec.seen.indices, rec.popular])
+    assert not rec.track_embeddings.flags.writeable
 
 
 def test_request_excludes_are_removed(rec: Recommender, arrays: dict[str, np.ndarray]) -> None:
@@ -148,13 +163,15 @@ def _broken(tmp_path: Path, edit: str) -> Path:
     if edit == "no-manifest":
         (path / "manifest.json").unlink()
     elif edit == "format":
-        manifest["format_version"] = 2
+        manifest["format_version"] = 1
     elif edit == "dim":
         manifest["embedding_dim"] = 5
     elif edit == "field":
         del manifest["dataset"]
     elif edit == "no-arrays":
-        (path / "arrays.npz").unlink()
+        shutil.rmtree(path / ARRAYS_DIR)
+    elif edit == "num-users":
+        manifest["num_users"] = 5
     elif edit == "tower":
         manifest["has_history_tower"] = True
     if (path / "manifest.json").exists():
@@ -162,7 +179,9 @@ def _broken(tmp_path: Path, edit: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("edit", ["no-manifest", "format", "dim", "field", "no-arrays", "tower"])
+@pytest.mark.parametrize(
+    "edit", ["no-manifest", "format", "dim", "field", "no-arrays", "num-users", "tower"]
+)
 def test_invalid_artifacts_raise_data_error(tmp_path: Path, edit: str) -> None:
     with pytest.raises(DataError) as info:
         Recommender.load(_broken(tmp_path, edit))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from serving_fixtures import brute_force, cached_artifact, fake_arrays, seen_of, user_id
+from builders import brute_force, cached_artifact, fake_arrays, seen_of, user_id
 
 from tracktower.features.errors import DataError
 from tracktower.serving.batch import read_user_ids, recommend_to_parquet

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from serving_fixtures import cached_artifact, user_id
+from builders import cached_artifact, user_id
 from typer.testing import CliRunner
 
 from tracktower.serving.cli import app

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from serving_fixtures import (
+from builders import (
     brute_force,
     cached_artifact,
     fake_arrays,
@@ -24,6 +23,7 @@ from serving_fixtures import (
     user_id,
     write_fake_artifact,
 )
+from fastapi.testclient import TestClient
 
 from tracktower.serving.app import create_app
 from tracktower.serving.artifact import Recommendation, Recommender
@@ -34,7 +34,7 @@ USERS, TRACKS, DIM, WIDTH = 60, 80, 4, 12
 
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tied")
+    out = tmp_path_factory.mktemp("tied") / "artifact"
     return write_fake_artifact(out, USERS, TRACKS, DIM, with_history_tower=False, integer=True)
 
 

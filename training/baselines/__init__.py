@@ -28,7 +28,8 @@ class Recommender(Protocol):
     def fit(self, train_csr: csr_matrix) -> Recommender: ...
 
     def score(self, user_rows: np.ndarray) -> np.ndarray:
-        """float32 [len(user_rows), n_tracks]; higher is better, seen tracks NOT excluded."""
+        """float32 [len(user_rows), n_tracks], higher is better; seen tracks NOT excluded (the
+        evaluation excludes them). A new array each call: the top-k overwrites it in place."""
         ...
 
     def params(self) -> dict[str, Any]:

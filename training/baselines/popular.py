@@ -13,8 +13,9 @@ class Popularity:
 
     Distinct users rather than summed weights: a handful of heavy listeners replaying one song
     should not make it everyone's top recommendation. It is the same ordering serving uses for
-    unknown users (the ``popular`` array in the export artifact): both come from
-    ``features.dataset.popularity``.
+    unknown users (the ``popular`` array in the export artifact): both count with
+    ``features.dataset.popularity`` and break ties by the lower track index (``ranking.top_k``
+    here, ``features.dataset.popularity_order`` in the export).
     """
 
     name = "popular"

@@ -1,8 +1,10 @@
 """Evaluate baselines exactly like the two-tower model and log every grid point to MLflow.
 
-Scores come from the baseline, but the top-k (seen tracks excluded) is ``features.ranking.top_k``
-and the metrics are ``training.metrics.ranking_metrics``: the same code the two-tower evaluation
-and the server use, so a baseline can never look better (or worse) because of its own ranking.
+Scores come from the baseline, but the top-k is ``features.ranking``'s (same row blocks, same
+tie-break) and the metrics are ``training.metrics.ranking_metrics``: the same code the two-tower
+evaluation and the server use, so a baseline can never look better (or worse) because of its own
+ranking. What the lists may not contain is passed in explicitly, and defaults to what the
+two-tower test excludes (``Encoded.known``).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import scipy.sparse as sp
+
+from tracktower.features import ranking
 from tracktower.features.errors import DataError
 from tracktower.training.baselines import Recommender, make_recommender
-from tracktower.training.baselines.cli import app, baseline_command
+from tracktower.training.metrics import DEFAULT_KS, ranking_metrics, users_with_heldout
 
 if TYPE_CHECKING:
-    import numpy as np
-    from scipy.sparse import csr_matrix
-
     from tracktower.training.data import Prepared
 
 __all__ = [
@@ -33,16 +36,12 @@ __all__ = [
     "QUICK_GRIDS",
     "BaselineResults",
     "GridResult",
-    "app",
-    "baseline_command",
     "evaluate_recommender",
     "run_baseline",
+    "run_name_for",
 ]
 
-DEFAULT_KS: tuple[int, ...] = (10, 20, 50, 100)
 SELECT_METRIC = "recall_at_20"
-# Rows of dense scores per chunk: keeps the [B, n_tracks] float32 block near 128 MB.
-_SCORE_BUDGET = 32 * 1024 * 1024
 
 # Default hyper-parameters (``--no-grid``) and the documented grids (benchmarks/README.md explains
 # the choice and the measured optima). EASE's lambda is relative to Gram entries (co-occurrence
@@ -75,51 +74,37 @@ QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def users_with_heldout(truth: csr_matrix, unknown: np.ndarray | None) -> np.ndarray:
-    import numpy as np
-
-    held = np.diff(truth.indptr)
-    if unknown is not None:
-        held = held + np.asarray(unknown)
-    return np.flatnonzero(held > 0)
-
-
 def evaluate_recommender(
     model: Recommender,
-    encoded: Any,
-    split_name: str = "test",
+    truth: sp.csr_matrix,
+    unknown: np.ndarray | None,
     ks: Sequence[int] = DEFAULT_KS,
+    *,
+    exclude: sp.csr_matrix,
     users: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Un-prefixed ranking metrics of a fitted baseline on ``encoded.<split_name>``.
+    """Un-prefixed ranking metrics of a fitted baseline against ``truth`` (users x tracks).
 
-    Scores are produced in row chunks so memory stays bounded by ``_SCORE_BUDGET`` regardless of
-    the number of users; training tracks are excluded by ``ranking.top_k`` itself.
+    ``exclude`` holds the tracks each user already has (never recommended, never hits); it is a
+    parameter, not read off the data, so that every system in one comparison is scored against
+    the same set (``Encoded.known``). ``users`` defaults to those with held-out tracks.
+    Scores are produced in row blocks (``ranking.top_k_chunks``), so memory stays bounded
+    whatever the number of users.
     """
-    import numpy as np
-
-    from tracktower.features import ranking
-    from tracktower.training.metrics import ranking_metrics
-
-    if split_name not in ("val", "test"):
-        raise DataError(f"split_name must be 'val' or 'test', got {split_name!r}")
-    truth: csr_matrix = getattr(encoded, split_name)
-    unknown = getattr(encoded, f"{split_name}_unknown", None)
-    train: csr_matrix = encoded.train
+    truth = sp.csr_matrix(truth)
+    if exclude.shape != truth.shape:
+        raise ValueError(f"exclude has shape {exclude.shape} but truth has {truth.shape}")
     if users is None:
         users = users_with_heldout(truth, unknown)
+    users = np.asarray(users, dtype=np.int64)
     if len(users) == 0:
         return {}
-    n_items = train.shape[1]
-    k = max(ks)
-    chunk = max(1, _SCORE_BUDGET // max(n_items, 1))
-    tops = []
-    for start in range(0, len(users), chunk):
-        rows = users[start : start + chunk]
-        idx, _ = ranking.top_k(model.score(rows), k, exclude=train, rows=rows)
-        tops.append(idx)
+    n_items = truth.shape[1]
+    blocks = ranking.top_k_chunks(
+        lambda block: model.score(users[block]), len(users), n_items, max(ks), exclude, rows=users
+    )
     return ranking_metrics(
-        np.concatenate(tops),
+        np.concatenate([idx for idx, _ in blocks]),
         truth[users],
         np.asarray(unknown)[users] if unknown is not None else None,
         list(ks),
@@ -174,15 +159,19 @@ def run_baseline(
     dataset_name: str | None = None,
     params: Mapping[str, Any] | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    exclude: sp.csr_matrix | None = None,
     num_threads: int = 0,
     seed: int = 0,
     log_to_mlflow: bool = True,
     on_result: Callable[[GridResult], None] | None = None,
 ) -> BaselineResults:
-    """Fit and evaluate ``name`` at every grid point (``None`` -> the documented grid).
+    """Fit on ``data.encoded.train`` and test ``name`` at every grid point (``None`` -> the
+    documented grid).
 
     ``data`` comes from :func:`tracktower.training.data.prepare`, the same loader ``train`` uses;
     ``params`` (e.g. the data and split config) are logged on every run next to the model's own.
+    ``exclude`` is what the test lists may not contain; the default, ``Encoded.known`` (train +
+    validation), is what the two-tower test excludes, so the two are compared on equal terms.
     Each point is its own MLflow run (tags ``system``, ``sweep``, ``dataset``); the best by test
     Recall@20 additionally gets ``sweep.best=true``. Selecting on the test split is optimistic
     for the baseline, which only makes the two-tower comparison harder, never easier.
@@ -191,42 +180,25 @@ def run_baseline(
 
     if 20 not in ks:
         raise DataError(f"ks must include 20 to select on {SELECT_METRIC}")
+    if exclude is None:
+        exclude = data.encoded.known
     points = list(grid) if grid is not None else GRIDS[name]
-    name_of_data = dataset_name or Path(data.source).name or "interactions"
-    if log_to_mlflow:
-        tracking.configure(tracking_uri)
-    sweep = uuid.uuid4().hex[:12]
     for point in points:  # bad hyper-parameters or a too-large EASE fail before any run starts
         check = getattr(_build(name, point, num_threads, seed), "check", None)
         if check is not None:
             check(data.encoded.train)
+    if log_to_mlflow:
+        tracking.configure(tracking_uri)
+    name_of_data = dataset_name or Path(data.source).name or "interactions"
+    tags = {"system": name, "model": name, "sweep": uuid.uuid4().hex[:12], "dataset": name_of_data}
     results: list[GridResult] = []
     for point in points:
         # Built per point (not up front) so only one fitted model (EASE: n^2 floats) is alive.
         model = _build(name, point, num_threads, seed)
-        model_params = model.params()
-        title = run_name_for(model_params)
-        if not log_to_mlflow:
-            result = _fit_and_evaluate(model, data, model_params, ks)
+        if log_to_mlflow:
+            result = _logged_fit(model, data, ks, exclude, experiment, tags, params or {})
         else:
-            tags = {"system": name, "model": name, "sweep": sweep, "dataset": name_of_data}
-            with tracking.experiment_run(experiment, title, tags=tags) as run:
-                tracking.log_params_flat({**model_params, **(params or {})})
-                with warnings.catch_warnings():
-                    # MLflow's schema hint about integer columns (the timestamp) is noise here.
-                    warnings.filterwarnings("ignore", message=".*integer column")
-                    tracking.log_dataset_input(
-                        data.interactions,
-                        fingerprint=data.fingerprint,
-                        name=name_of_data,
-                        source=data.source,
-                    )
-                result = _fit_and_evaluate(model, data, model_params, ks)
-                result.run_id = run.info.run_id
-                tracking.log_metrics(result.metrics, prefix="test_")
-                timings = {"fit_seconds": result.fit_seconds, "eval_seconds": result.eval_seconds}
-                tracking.log_metrics({**timings, **result.extra})
-                tracking.log_recall_plot(result.metrics, title=f"{name_of_data}: {title}")
+            result = _fit_and_evaluate(model, data, ks, exclude)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -238,6 +210,33 @@ def run_baseline(
     return out
 
 
+def _logged_fit(
+    model: Recommender,
+    data: Prepared,
+    ks: Sequence[int],
+    exclude: sp.csr_matrix,
+    experiment: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+) -> GridResult:
+    """:func:`_fit_and_evaluate` inside its own MLflow run, with the data and metrics logged."""
+    from tracktower.training import tracking
+
+    title = run_name_for(model.params())
+    with tracking.experiment_run(experiment, title, tags=dict(tags)) as run:
+        tracking.log_params_flat({**model.params(), **params})
+        with warnings.catch_warnings():
+            # MLflow's schema hint about integer columns (the timestamp) is noise here.
+            warnings.filterwarnings("ignore", message=".*integer column")
+            tracking.log_dataset(data, name=tags["dataset"])
+        result = _fit_and_evaluate(model, data, ks, exclude)
+        result.run_id = run.info.run_id
+        timings = {"fit_seconds": result.fit_seconds, "eval_seconds": result.eval_seconds}
+        tracking.log_metrics({**timings, **result.extra})
+        tracking.log_test_metrics(result.metrics, title=f"{tags['dataset']}: {title}")
+    return result
+
+
 def _build(name: str, point: Mapping[str, Any], num_threads: int, seed: int) -> Recommender:
     kwargs = dict(point)
     if name == "ials":
@@ -247,7 +246,7 @@ def _build(name: str, point: Mapping[str, Any], num_threads: int, seed: int) -> 
 
 
 def _fit_and_evaluate(
-    model: Recommender, data: Prepared, params: dict[str, Any], ks: Sequence[int]
+    model: Recommender, data: Prepared, ks: Sequence[int], exclude: sp.csr_matrix
 ) -> GridResult:
     start = time.perf_counter()
     model.fit(data.encoded.train)
@@ -257,6 +256,7 @@ def _fit_and_evaluate(
     if model_bytes:
         extra["model_mb"] = model_bytes / 1e6
     start = time.perf_counter()
-    metrics = evaluate_recommender(model, data.encoded, "test", ks)
+    enc = data.encoded
+    metrics = evaluate_recommender(model, enc.test, enc.test_unknown, ks, exclude=exclude)
     eval_seconds = time.perf_counter() - start
-    return GridResult(params, metrics, fit_seconds, eval_seconds, extra=extra)
+    return GridResult(model.params(), metrics, fit_seconds, eval_seconds, extra=extra)

@@ -1,4 +1,5 @@
-"""MLflow helpers against a throwaway sqlite store: the champion rule is what serving trusts."""
+"""MLflow helpers and the register stage against a throwaway sqlite store (integration: a real
+store, real artifact uploads; the champion policy itself is unit-tested with a registry double)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from builders import write_fake_artifact
 from mlflow import MlflowClient
-from serving_fixtures import write_fake_artifact
 
-from tracktower.training import tracking
+from tracktower.features import artifact as contract
+from tracktower.features.errors import DataError
+from tracktower.training import stages, tracking
 
 FP_A = "a" * 64
 FP_B = "b" * 64
@@ -110,6 +113,26 @@ def test_git_commit_tag(
     assert tags["mlflow.runName"] == "git"
 
 
+def test_experiments_open_in_the_model_training_view(store: MlflowClient) -> None:
+    with tracking.experiment_run("kind", "r"):
+        pass
+    exp = store.get_experiment_by_name("kind")
+    assert exp is not None
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_popularity_baseline_is_found_by_fingerprint_and_split(store: MlflowClient) -> None:
+    key = tracking.split_key({"seed": 0, "test_fraction": 0.2})
+    with tracking.experiment_run("exp", "popularity", tags={"system": "popular", "split": key}):
+        mlflow.log_param("dataset.fingerprint", FP_A)
+    found = tracking.find_baseline_run("exp", "popular", FP_A, key)
+    assert found is not None
+    assert tracking.find_baseline_run("exp", "popular", FP_B, key) is None
+    other = tracking.split_key({"seed": 1, "test_fraction": 0.2})
+    assert other != key and tracking.find_baseline_run("exp", "popular", FP_A, other) is None
+    assert tracking.find_baseline_run("no-such-experiment", "popular", FP_A, key) is None
+
+
 def test_run_ends_failed_on_exception(store: MlflowClient) -> None:
     with pytest.raises(RuntimeError), tracking.experiment_run("exp", "boom") as run:
         raise RuntimeError("boom")
@@ -137,19 +160,14 @@ def test_metrics_and_recall_plot(store: MlflowClient) -> None:
 
 def _register(
     artifact_dir: Path, fingerprint: str, recall: float | None, promote: bool | None
-) -> tracking.Registration:
-    """What training does: params + metric on the run, then register."""
-    with tracking.experiment_run("exp", "train"):
+) -> stages.Registration:
+    """What ``train`` does: params, metric and model on the run, then the register stage."""
+    with tracking.experiment_run("exp", "train") as run:
         mlflow.log_param("dataset.fingerprint", fingerprint)
         if recall is not None:
             tracking.log_metrics({"recall_at_20": recall}, prefix="test_")
-        return tracking.log_and_register_model(
-            artifact_dir,
-            model_name="tracktower",
-            fingerprint=fingerprint,
-            test_recall_at_20=recall,
-            promote=promote,
-        )
+        tracking.log_model(artifact_dir)
+        return stages.register(run.info.run_id, model_name="tracktower", promote=promote)
 
 
 def _champion(client: MlflowClient) -> str:
@@ -192,12 +210,28 @@ def test_promote_false_never_creates_a_champion(store: MlflowClient, artifact_di
         _champion(store)
 
 
-def test_champion_stats_fall_back_to_the_run(store: MlflowClient, artifact_dir: Path) -> None:
-    _register(artifact_dir, FP_A, 0.30, None)
-    store.delete_model_version_tag("tracktower", "1", "dataset.fingerprint")
-    store.delete_model_version_tag("tracktower", "1", "test_recall_at_20")
-    champion = store.get_model_version_by_alias("tracktower", "champion")
-    assert tracking._champion_stats(store, champion) == (FP_A, pytest.approx(0.30))
+def test_a_finished_run_is_registered_later(store: MlflowClient, artifact_dir: Path) -> None:
+    with tracking.experiment_run("exp", "train") as run:
+        mlflow.log_param("dataset.fingerprint", FP_A)
+        tracking.log_metrics({"recall_at_20": 0.25}, prefix="test_")
+        tracking.log_model(artifact_dir)
+    run_id = run.info.run_id
+    assert not store.search_model_versions("name = 'tracktower'")
+    reg = stages.register(run_id, model_name="tracktower", promote=None)
+    assert (reg.version, reg.champion) == ("1", True)
+    finished = store.get_run(run_id)
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["registered_model"] == "tracktower/1"
+    with pytest.raises(DataError, match="no run"):
+        stages.register("0" * 32, model_name="tracktower", promote=None)
+
+
+def test_a_failed_run_is_not_registered(store: MlflowClient, artifact_dir: Path) -> None:
+    with pytest.raises(RuntimeError), tracking.experiment_run("exp", "train") as run:
+        tracking.log_model(artifact_dir)
+        raise RuntimeError("fit diverged")
+    with pytest.raises(DataError, match="FAILED"):
+        stages.register(run.info.run_id, model_name="tracktower", promote=None)
 
 
 def test_registered_model_resolves_to_the_artifact(
@@ -211,6 +245,8 @@ def test_registered_model_resolves_to_the_artifact(
     )
     manifests = list(local.rglob("manifest.json"))
     assert len(manifests) == 1
+    manifest = contract.read_manifest(manifests[0].parent)
+    assert (manifest.model_name, manifest.model_version) == ("tracktower", "1")
     assert (local / "tracktower_model.py").is_file(), "models-from-code, not a pickle"
     requirements = (local / "requirements.txt").read_text()
     assert "tensorflow" not in requirements and "mlflow==" in requirements
@@ -223,13 +259,11 @@ def test_registered_model_resolves_to_the_artifact(
 
 
 def test_missing_manifest_is_rejected(store: MlflowClient, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"manifest\.json"):
-        tracking.log_and_register_model(
-            tmp_path, model_name="m", fingerprint=FP_A, test_recall_at_20=None, promote=None
-        )
+    with pytest.raises(DataError, match=r"manifest\.json"), tracking.experiment_run("exp", "x"):
+        tracking.log_model(tmp_path)
 
 
-def test_sigterm_ends_the_active_run_killed_not_running(tmp_path):
+def test_sigterm_ends_the_active_run_killed_not_running(tmp_path: Path) -> None:
     import signal
     import subprocess
     import sys
@@ -240,9 +274,10 @@ def test_sigterm_ends_the_active_run_killed_not_running(tmp_path):
     script = f"""
 import time
 import mlflow
+from tracktower.features.cli import end_runs_on_sigterm
 from tracktower.training import tracking
 mlflow.set_tracking_uri({uri!r})
-tracking.end_runs_on_sigterm()
+end_runs_on_sigterm()
 with tracking.experiment_run("sigterm", "victim"):
     print("ready", flush=True)
     time.sleep(60)

@@ -1,4 +1,4 @@
-"""Fake export artifacts for serving tests: valid per the contract, seeded, small.
+"""Fake export artifacts for serving tests: written through the artifact contract, seeded, small.
 
 The optional SavedModel is a real TensorFlow module whose ``query_from_history`` mean-pools the
 track embedding table, so a "session" recommendation can be checked against plain numpy.
@@ -6,13 +6,23 @@ track embedding table, so a "session" recommendation can be checked against plai
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+
+from tracktower.features.artifact import (
+    FORMAT_VERSION,
+    HISTORY_INPUT,
+    HISTORY_OUTPUT,
+    HISTORY_SIGNATURE,
+    DatasetInfo,
+    Manifest,
+    write_artifact,
+)
+from tracktower.features.dataset import popularity_order
 
 SEED = 20240611
 _CACHE: dict[tuple[Any, ...], Path] = {}
@@ -40,7 +50,7 @@ def fake_arrays(
     indptr[1:] = np.cumsum([len(r) for r in seen_rows])
     indices = np.concatenate(seen_rows).astype(np.int32) if n_users else np.zeros(0, dtype=np.int32)
     counts = np.bincount(indices, minlength=n_tracks).astype(np.float32)
-    popular = np.argsort(-counts, kind="stable").astype(np.int32)
+    popular = popularity_order(counts).astype(np.int32)
 
     def draw(n: int) -> np.ndarray:
         return rng.integers(-1, 2, size=(n, dim)) if integer else rng.normal(size=(n, dim))
@@ -57,6 +67,33 @@ def fake_arrays(
     }
 
 
+def fake_manifest(
+    n_users: int,
+    n_tracks: int,
+    dim: int,
+    with_history_tower: bool,
+    *,
+    nnz: int,
+    model_version: str | None = None,
+    seed: int = SEED,
+) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        model_name="tracktower",
+        model_version=model_version,
+        run_id="0123456789abcdef",
+        created_at="2024-06-11T12:00:00+00:00",
+        config={"embedding_dim": dim, "seed": seed},
+        dataset=DatasetInfo(fingerprint="f" * 64, rows=nnz, users=n_users, tracks=n_tracks),
+        metrics={"test_recall_at_10": 0.25, "test_ndcg_at_10": 0.125},
+        embedding_dim=dim,
+        has_history_tower=with_history_tower,
+        num_users=n_users,
+        num_tracks=n_tracks,
+        libraries={"numpy": np.__version__},
+    )
+
+
 def write_fake_artifact(
     dir: str | Path,
     n_users: int,
@@ -68,88 +105,67 @@ def write_fake_artifact(
     seed: int = SEED,
     integer: bool = False,
 ) -> Path:
-    """Write manifest.json, arrays.npz, tracks.parquet (and saved_model/) into ``dir``."""
-    out = Path(dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """An artifact at ``dir`` (must not exist), written through ``features.artifact``."""
     arrays = fake_arrays(n_users, n_tracks, dim, seed, integer=integer)
-    np.savez(out / "arrays.npz", allow_pickle=False, **arrays)
     # Every 10th track has no metadata row, as for tracks missing from the catalog.
     with_meta = [i for i in range(n_tracks) if i % 10 != 9]
-    pd.DataFrame(
+    tracks = pd.DataFrame(
         {
             "track_id": [track_id(i) for i in with_meta],
             "title": [f"Title {i}" for i in with_meta],
             "artist": [f"Artist {i % 7}" for i in with_meta],
         }
-    ).to_parquet(out / "tracks.parquet", index=False)
-    top_k = min(10, n_tracks)
-    manifest = {
-        "format_version": 1,
-        "model_name": "tracktower",
-        "model_version": model_version,
-        "run_id": "0123456789abcdef",
-        "created_at": "2024-06-11T12:00:00+00:00",
-        "config": {"embedding_dim": dim, "seed": seed},
-        "dataset": {
-            "fingerprint": "f" * 64,
-            "rows": len(arrays["seen_indices"]),
-            "users": n_users,
-            "tracks": n_tracks,
-        },
-        "metrics": {"test_recall_at_10": 0.25, "test_ndcg_at_10": 0.125},
-        "embedding_dim": dim,
-        "top_k": top_k,
-        "has_history_tower": with_history_tower,
-        "libraries": {"numpy": np.__version__},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    if with_history_tower:
-        _save_towers(out / "saved_model", arrays, top_k)
-    return out
+    )
+    manifest = fake_manifest(
+        n_users,
+        n_tracks,
+        dim,
+        with_history_tower,
+        nnz=len(arrays["seen_indices"]),
+        model_version=model_version,
+        seed=seed,
+    )
+
+    def save_towers(path: Path) -> None:
+        _save_towers(path, arrays)
+
+    return write_artifact(
+        dir,
+        manifest=manifest,
+        arrays=arrays,
+        tracks=tracks,
+        saved_model=save_towers if with_history_tower else None,
+    )
 
 
-def _save_towers(path: Path, arrays: dict[str, np.ndarray], top_k: int) -> None:
+def _save_towers(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A SavedModel with the contract's one signature; it mean-pools the track embeddings."""
     from tracktower.features.tf import tf
 
-    def table(ids: np.ndarray) -> Any:
-        init = tf.lookup.KeyValueTensorInitializer(
-            tf.constant(ids.astype(str)), tf.range(len(ids), dtype=tf.int64)
-        )
-        return tf.lookup.StaticHashTable(init, default_value=-1)
+    init = tf.lookup.KeyValueTensorInitializer(
+        tf.constant(arrays["track_ids"]), tf.range(len(arrays["track_ids"]), dtype=tf.int64)
+    )
 
     class Towers(tf.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.user_table = table(arrays["user_ids"])
-            self.track_table = table(arrays["track_ids"])
-            self.user_embeddings = tf.Variable(arrays["user_embeddings"], trainable=False)
+            self.track_table = tf.lookup.StaticHashTable(init, default_value=-1)
             self.track_embeddings = tf.Variable(arrays["track_embeddings"], trainable=False)
-            self.track_ids = tf.constant(arrays["track_ids"].astype(str))
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
-        def serve(self, user_id: Any) -> dict[str, Any]:
-            idx = tf.maximum(self.user_table.lookup(user_id), 0)
-            queries = tf.gather(self.user_embeddings, idx)
-            scores = tf.matmul(queries, self.track_embeddings, transpose_b=True)
-            top = tf.math.top_k(scores, k=top_k)
-            return {"track_ids": tf.gather(self.track_ids, top.indices), "scores": top.values}
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string)])
+        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name=HISTORY_INPUT)])
         def query_from_history(self, track_ids: Any) -> dict[str, Any]:
             idx = self.track_table.lookup(track_ids)
             mask = tf.cast(idx >= 0, tf.float32)
             vectors = tf.gather(self.track_embeddings, tf.maximum(idx, 0)) * mask[..., None]
             count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
-            return {"query_embedding": tf.reduce_sum(vectors, axis=1) / count}
+            return {HISTORY_OUTPUT: tf.reduce_sum(vectors, axis=1) / count}
 
     towers = Towers()
+    signature = towers.query_from_history
     tf.saved_model.save(
         towers,
         str(path),
-        signatures={
-            "serving_default": towers.serve,
-            "query_from_history": towers.query_from_history,
-        },
+        signatures={"serving_default": signature, HISTORY_SIGNATURE: signature},
     )
 
 
@@ -163,7 +179,7 @@ def cached_artifact(
     """One artifact per parameter set per test session (the SavedModel takes seconds to build)."""
     key = (id(factory), n_users, n_tracks, dim, with_history_tower)
     if key not in _CACHE:
-        out = factory.mktemp("artifact")
+        out = factory.mktemp("artifact") / "artifact"
         _CACHE[key] = write_fake_artifact(out, n_users, n_tracks, dim, with_history_tower)
     return _CACHE[key]
 
@@ -183,3 +199,14 @@ def brute_force(
 def seen_of(arrays: dict[str, np.ndarray], u: int) -> set[int]:
     lo, hi = arrays["seen_indptr"][u], arrays["seen_indptr"][u + 1]
     return {int(i) for i in arrays["seen_indices"][lo:hi]}
+
+
+def synthetic_interactions(path: Path, users: int = 60, tracks: int = 40, seed: int = 0) -> None:
+    """An interactions Parquet file: every user has 12 distinct random tracks."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        (f"u{u}", f"t{t}", 1.0)
+        for u in range(users)
+        for t in rng.choice(tracks, size=12, replace=False)
+    ]
+    pd.DataFrame(rows, columns=["user_id", "track_id", "weight"]).to_parquet(path)

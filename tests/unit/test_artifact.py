@@ -1,0 +1,278 @@
+"""The artifact contract: what write_artifact writes, read_* give back, and every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from builders import fake_arrays, fake_manifest, write_fake_artifact
+
+from tracktower.features import artifact
+from tracktower.features.artifact import (
+    ARRAYS,
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    Manifest,
+    array_file,
+    read_arrays,
+    read_manifest,
+    read_track_metadata,
+    update_manifest,
+    write_artifact,
+)
+from tracktower.features.errors import DataError
+
+USERS, TRACKS, DIM = 12, 30, 4
+_BAD_INDPTR = fake_arrays(USERS, TRACKS, DIM)["seen_indptr"].copy()
+_BAD_INDPTR[1] = _BAD_INDPTR[-1] + 1  # same end, but row 1 would run backwards
+
+
+def _inputs() -> tuple[Manifest, dict[str, np.ndarray], pd.DataFrame]:
+    arrays = fake_arrays(USERS, TRACKS, DIM)
+    manifest = fake_manifest(USERS, TRACKS, DIM, False, nnz=len(arrays["seen_indices"]))
+    tracks = pd.DataFrame({"track_id": arrays["track_ids"][:5], "title": list("abcde")})
+    return manifest, arrays, tracks
+
+
+def _write(out: Path, **changes: Any) -> Path:
+    manifest, arrays, tracks = _inputs()
+    kwargs: dict[str, Any] = {"manifest": manifest, "arrays": arrays, "tracks": tracks}
+    kwargs.update(changes)
+    return write_artifact(out, **kwargs)
+
+
+def _one_line(info: pytest.ExceptionInfo[DataError]) -> str:
+    text = str(info.value)
+    assert "\n" not in text and "Traceback" not in text
+    return text
+
+
+def test_round_trip_is_memory_mapped_and_equal(tmp_path: Path) -> None:
+    manifest, arrays, _ = _inputs()
+    path = _write(tmp_path / "a")
+    assert sorted(p.name for p in (path / artifact.ARRAYS_DIR).iterdir()) == sorted(
+        f"{spec.name}.npy" for spec in ARRAYS
+    )
+    assert read_manifest(path) == manifest
+    for mmap in (True, False):
+        got = read_arrays(path, manifest, mmap=mmap)
+        assert set(got) == {spec.name for spec in ARRAYS}
+        for name, value in arrays.items():
+            np.testing.assert_array_equal(got[name], value)
+            assert got[name].dtype == value.dtype
+            assert isinstance(got[name].base, np.memmap) == mmap, name
+            assert got[name].flags.writeable != mmap
+    titles, artists = read_track_metadata(path, arrays["track_ids"])
+    assert titles == [*"abcde", *[None] * (TRACKS - 5)] and artists == [None] * TRACKS
+    assert not [p for p in tmp_path.iterdir() if p.name != "a"]  # no staging left behind
+
+
+def test_ids_are_fixed_width_unicode_on_disk(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    for name in ("track_ids", "user_ids"):
+        header = array_file(path, name).read_bytes()[:128]
+        assert b"'descr': '<U" in header
+
+
+def test_other_format_version_is_one_line_naming_both(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    # A format-1 manifest also lacks today's fields: the version is reported, not those.
+    del raw["num_users"]
+    (path / MANIFEST_FILE).write_text(json.dumps({**raw, "format_version": 1}))
+    with pytest.raises(DataError) as info:
+        read_manifest(path)
+    assert _one_line(info) == (
+        f"{path / MANIFEST_FILE}: artifact format_version 1, this tracktower reads "
+        f"format_version {FORMAT_VERSION}; re-export the model with this version"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "unreadable manifest"),
+        ("[]", "not a JSON object"),
+        (None, "manifest.json is missing"),
+    ],
+)
+def test_bad_manifest_files(tmp_path: Path, content: str | None, match: str) -> None:
+    path = _write(tmp_path / "a")
+    if content is None:
+        (path / MANIFEST_FILE).unlink()
+    else:
+        (path / MANIFEST_FILE).write_text(content)
+    with pytest.raises(DataError, match=match) as info:
+        read_manifest(path)
+    _one_line(info)
+
+
+def test_invalid_manifest_field_is_named(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    raw["dataset"]["rows"] = "many"
+    (path / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"invalid manifest: dataset\.rows: ") as info:
+        read_manifest(path)
+    _one_line(info)
+
+
+def _damage(path: Path, name: str, how: str) -> None:
+    file = array_file(path, name)
+    if how == "missing":
+        file.unlink()
+    elif how == "truncated":
+        file.write_bytes(file.read_bytes()[:-7])
+    elif how == "header":
+        file.write_bytes(file.read_bytes()[:40])
+    elif how == "garbage":
+        file.write_bytes(b"not an npy file")
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+@pytest.mark.parametrize(
+    ("name", "how", "match"),
+    [
+        ("user_embeddings", "missing", "array file is missing"),
+        ("track_embeddings", "truncated", "unreadable .npy file"),
+        ("seen_indices", "header", "unreadable .npy file"),
+        ("track_ids", "garbage", "unreadable .npy file"),
+    ],
+)
+def test_missing_or_corrupt_npy(
+    tmp_path: Path, name: str, how: str, match: str, mmap: bool
+) -> None:
+    path = _write(tmp_path / "a")
+    _damage(path, name, how)
+    with pytest.raises(DataError, match=match) as info:
+        read_arrays(path, read_manifest(path), mmap=mmap)
+    assert _one_line(info).startswith(f"{array_file(path, name)}: ")
+
+
+def _replace(path: Path, name: str, value: np.ndarray) -> None:
+    np.save(array_file(path, name), value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("track_embeddings", np.zeros((TRACKS, DIM + 1), np.float32), r"expected shape \(30, 4\)"),
+        ("user_embeddings", np.zeros((USERS - 1, DIM), np.float32), r"expected shape \(12, 4\)"),
+        ("track_embeddings", np.zeros((TRACKS, DIM), np.float64), "expected dtype float32"),
+        ("user_ids", np.arange(USERS), "expected fixed-width unicode"),
+        ("user_ids", np.array(["u"] * USERS), "duplicate ids"),
+        ("seen_indptr", _BAD_INDPTR, "not CSR row pointers"),
+        ("seen_indices", np.full(1, TRACKS, np.int32), "1 entries but seen_indptr ends at"),
+        ("popular", np.zeros(TRACKS, np.int32), "not a permutation"),
+        ("popular_scores", np.arange(TRACKS, dtype=np.float32), "non-increasing"),
+    ],
+)
+def test_arrays_that_break_the_contract(
+    tmp_path: Path, name: str, value: np.ndarray, match: str
+) -> None:
+    path = _write(tmp_path / "a")
+    _replace(path, name, value)
+    with pytest.raises(DataError, match=match) as info:
+        read_arrays(path, read_manifest(path))
+    assert _one_line(info).startswith(f"{array_file(path, name)}: ")
+
+
+def test_seen_index_out_of_range(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    indices = np.load(array_file(path, "seen_indices"))
+    indices[-1] = TRACKS
+    _replace(path, "seen_indices", indices)
+    with pytest.raises(DataError, match=r"track index outside \[0, 30\)"):
+        read_arrays(path, read_manifest(path))
+
+
+def test_manifest_dims_are_checked_against_the_arrays(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    update_manifest(path, embedding_dim=DIM + 1)
+    with pytest.raises(DataError, match=r"track_embeddings\.npy: expected shape"):
+        read_arrays(path, read_manifest(path))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"track_embeddings": np.zeros((TRACKS, 3), np.float32)}, "array 'track_embeddings'"),
+        ({"user_ids": np.array([str(i) for i in range(USERS)], dtype=object)}, "array 'user_ids'"),
+        ({"extra": np.zeros(1)}, r"not in the contract \['extra'\]"),
+    ],
+)
+def test_write_validates_before_writing(
+    tmp_path: Path, change: dict[str, np.ndarray], match: str
+) -> None:
+    _, arrays = _inputs()[:2]
+    with pytest.raises(DataError, match=match) as info:
+        _write(tmp_path / "out" / "a", arrays={**arrays, **change})
+    _one_line(info)
+    assert not (tmp_path / "out").exists()  # nothing was created, not even the parent
+
+
+def test_write_refuses_other_versions_and_existing_dirs(tmp_path: Path) -> None:
+    manifest = _inputs()[0].model_copy(update={"format_version": 1})
+    with pytest.raises(DataError, match="this tracktower writes format_version 2"):
+        _write(tmp_path / "a", manifest=manifest)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(DataError, match="already exists"):
+        _write(tmp_path / "b")
+    with pytest.raises(DataError, match="has_history_tower but no saved_model"):
+        _write(tmp_path / "c", manifest=_inputs()[0].model_copy(update={"has_history_tower": True}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_failed_write_leaves_no_directory(tmp_path: Path) -> None:
+    written: list[Path] = []
+
+    def broken_saved_model(path: Path) -> None:
+        path.mkdir()
+        (path / "saved_model.pb").write_bytes(b"half")
+        written.append(path)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        _write(tmp_path / "a", saved_model=broken_saved_model)
+    assert written and not written[0].exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_model_is_written_inside_before_the_rename(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def saved_model(path: Path) -> None:
+        seen.append(path)
+        assert not (tmp_path / "a").exists()
+        path.mkdir()
+        (path / "saved_model.pb").write_bytes(b"pb")
+
+    path = _write(tmp_path / "a", saved_model=saved_model)
+    assert seen[0].name == artifact.SAVED_MODEL_DIR and seen[0].parent.name.startswith(".")
+    assert (path / artifact.SAVED_MODEL_DIR / "saved_model.pb").read_bytes() == b"pb"
+
+
+def test_update_manifest_records_the_version_atomically(tmp_path: Path) -> None:
+    path = write_fake_artifact(tmp_path / "a", 3, 6, 2, with_history_tower=False)
+    before = read_manifest(path)
+    after = update_manifest(path, model_name="tt", model_version="7")
+    assert (after.model_name, after.model_version) == ("tt", "7")
+    assert read_manifest(path) == before.model_copy(
+        update={"model_name": "tt", "model_version": "7"}
+    )
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(DataError, match="invalid manifest: num_users: ") as info:
+        update_manifest(path, num_users="lots")
+    _one_line(info)
+    assert read_manifest(path).model_version == "7"
+
+
+def test_metadata_without_track_id_column(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    pd.DataFrame({"title": ["x"]}).to_parquet(path / artifact.TRACKS_FILE)
+    with pytest.raises(DataError, match="column 'track_id'"):
+        read_track_metadata(path, np.array(["t"]))

@@ -1,0 +1,324 @@
+"""The training pipeline as small stages: prepare → fit → export → evaluate → register.
+
+Each stage takes and returns plain typed values, so the CLI composes them (``tracktower train``)
+and each can also run on its own: ``tracktower evaluate`` re-scores an exported model,
+``tracktower register`` registers an existing run. Offline metrics are computed from the exported
+artifact's arrays, the very embeddings the server ranks, and every system in a comparison is
+scored against one exclusion set that the caller passes explicitly.
+
+Registration is the last stage and runs only after everything before it succeeded, so a failed or
+interrupted run never replaces a good model; whether the champion alias moves is decided by
+:mod:`tracktower.training.champion`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from tracktower.features import artifact as contract
+from tracktower.features.dataset import Encoded, reindex
+from tracktower.features.errors import DataError
+from tracktower.training import champion, tracking
+from tracktower.training.config import ExperimentConfig, flatten
+from tracktower.training.data import Prepared, prepare
+
+if TYPE_CHECKING:
+    from tracktower.training.train import FitResult
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Heldout",
+    "Registration",
+    "TrainSummary",
+    "evaluate_artifact",
+    "export",
+    "fit",
+    "heldout",
+    "popularity_baseline",
+    "prepare",
+    "register",
+    "run_name",
+    "train",
+]
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """What a comparison scores against: held-out truth, unreachable held-out counts, and the
+    tracks each user already has (excluded from every system's list alike)."""
+
+    truth: sp.csr_matrix
+    unknown: np.ndarray
+    exclude: sp.csr_matrix
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Outcome of registering a run's model, including *why* the champion alias did (not) move."""
+
+    model_uri: str
+    name: str
+    version: str
+    champion: bool
+    reason: str
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    model_uri: str
+    model_name: str
+    model_version: str
+    champion: bool
+    champion_reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline_run_id: str | None = None
+    dataset: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def heldout(encoded: Encoded, split: str = "test") -> Heldout:
+    """The ``split`` partition as truth, excluding everything the model was given (train + val):
+    a track the user already has is neither recommended back nor counted as a hit."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    truth = encoded.test if split == "test" else encoded.val
+    unknown = encoded.test_unknown if split == "test" else encoded.val_unknown
+    return Heldout(truth, unknown, encoded.known if split == "test" else encoded.train)
+
+
+def run_name(cfg: ExperimentConfig, config_path: Path | None, *, final: bool) -> str:
+    """A name that tells runs apart in the MLflow UI: the config file and the knobs that most
+    often differ between experiments, unless the config or ``--run-name`` gives one."""
+    if cfg.run_name:
+        return cfg.run_name
+    m, t = cfg.model, cfg.train
+    stem = config_path.stem if config_path is not None else "two-tower"
+    name = f"{stem} d{m.embedding_dim} T{m.temperature:g} lr{t.learning_rate:g} e{t.epochs}"
+    return f"{name} final" if final else name
+
+
+def popularity_baseline(cfg: ExperimentConfig, data: Prepared, held: Heldout) -> str:
+    """The run every model must beat, logged once per dataset fingerprint and split.
+
+    Re-running it with every ``train`` would only add identical rows to the runs table; an
+    existing run with the same fingerprint and split is reused.
+    """
+    from tracktower.training.baselines.popular import Popularity
+    from tracktower.training.baselines.runner import evaluate_recommender
+
+    split_key = tracking.split_key(cfg.split.model_dump())
+    existing = tracking.find_baseline_run(cfg.experiment, "popular", data.fingerprint, split_key)
+    if existing is not None:
+        log.info("popularity baseline for this dataset and split: run %s (reused)", existing)
+        return existing
+    tags = {"system": "popular", "model": "popular", "split": split_key}
+    with tracking.experiment_run(cfg.experiment, "popularity", tags=tags) as run:
+        tracking.log_params_flat({"model": "popular", "split": cfg.split.model_dump()})
+        tracking.log_dataset(data)
+        started = time.perf_counter()
+        model = Popularity().fit(data.encoded.train)
+        fit_seconds = time.perf_counter() - started
+        metrics = evaluate_recommender(
+            model, held.truth, held.unknown, cfg.eval.ks, exclude=held.exclude
+        )
+        tracking.log_metrics(metrics, prefix="test_")
+        tracking.log_metrics({"fit_seconds": fit_seconds})
+        return str(run.info.run_id)
+
+
+def fit(cfg: ExperimentConfig, data: Prepared) -> tuple[FitResult, float]:
+    """Train inside the active run; returns the result and its wall time in seconds.
+
+    Per-epoch values are logged as ``epoch_*`` curves; the plain ``val_*`` columns are those of
+    the epoch whose weights are kept, so the runs table compares the models that were exported.
+    """
+    from tracktower.training.train import fit as fit_model
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        tracking.log_metrics(row, prefix="epoch_", step=epoch)
+
+    started = time.perf_counter()
+    result = fit_model(cfg, data.encoded, data.track_artist, on_epoch=on_epoch)
+    seconds = time.perf_counter() - started
+    tracking.log_params_flat(
+        {"resolved.batch_size": result.batch_size, "resolved.strategy": result.strategy}
+    )
+    tracking.log_metrics(result.best_val)
+    tracking.log_metrics({"train_seconds": seconds, "best_epoch": result.best_epoch})
+    return result, seconds
+
+
+def export(
+    cfg: ExperimentConfig, data: Prepared, result: FitResult, out_dir: Path, run_id: str
+) -> Path:
+    """Write the artifact (see :mod:`tracktower.features.artifact`) for the fitted model."""
+    from tracktower.training.export import ExportInputs, export_artifact
+
+    inputs = ExportInputs(
+        model=result.model,
+        user_ids=data.encoded.user_ids,
+        track_ids=data.encoded.track_ids,
+        known=result.known,
+        tracks=data.tracks,
+        manifest={
+            "model_name": cfg.model_name,
+            "run_id": run_id,
+            "config": cfg.model_dump(mode="json"),
+            "dataset": {"fingerprint": data.fingerprint, "source": data.source, **data.stats},
+            "final": data.final,
+        },
+    )
+    return export_artifact(inputs, out_dir)
+
+
+def evaluate_artifact(
+    path: Path, encoded: Encoded, held: Heldout, ks: list[int]
+) -> dict[str, float]:
+    """Ranking metrics of an exported model on a split, through the artifact's own vocabulary.
+
+    ``encoded``/``held`` may come from another encoding of the data (``tracktower evaluate`` on
+    a re-prepared dataset): users the model does not know are skipped, held-out tracks it does not
+    know count as unreachable, exactly as for a model trained on that data.
+    """
+    from tracktower.training.evaluate import evaluate_embeddings
+
+    manifest = contract.read_manifest(path)
+    arrays = contract.read_arrays(path, manifest)
+    users = reindex_ids(arrays["user_ids"], encoded.user_ids)
+    tracks = reindex_ids(arrays["track_ids"], encoded.track_ids)
+    shape = (len(arrays["user_ids"]), len(arrays["track_ids"]))
+    truth, unknown = reindex(held.truth, users, tracks, shape, held.unknown)
+    exclude, _ = reindex(held.exclude, users, tracks, shape)
+    rows = np.flatnonzero(np.diff(truth.indptr) + unknown > 0)
+    if len(rows) == 0:
+        return {}
+    return evaluate_embeddings(
+        np.asarray(arrays["user_embeddings"])[rows],
+        np.asarray(arrays["track_embeddings"]),
+        rows,
+        truth,
+        unknown,
+        ks,
+        exclude=exclude,
+    )
+
+
+def reindex_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Position of each of ``ids`` in the artifact's sorted ``vocab`` (-1 where absent)."""
+    from tracktower.features.dataset import encode_ids
+
+    return encode_ids(np.asarray(vocab).astype(str), np.asarray(ids).astype(str))
+
+
+def register(run_id: str, *, model_name: str, promote: bool | None) -> Registration:
+    """Register the model logged by ``run_id`` and apply the champion policy to it.
+
+    The run's own records say what the policy compares (dataset fingerprint, test Recall@20), so
+    any finished run can be registered later, not only the one that just trained.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run = tracking.get_run(client, run_id)
+    active = mlflow.active_run()
+    if run.info.status != "FINISHED" and (active is None or active.info.run_id != run_id):
+        raise DataError(f"run {run_id} is {run.info.status}; only a finished run is registered")
+    model = tracking.logged_model(client, run)
+    candidate = champion.Candidate(
+        fingerprint=run.data.params.get("dataset.fingerprint", ""),
+        recall_at_20=run.data.metrics.get("test_recall_at_20"),
+    )
+    version = tracking.register_version(client, model, model_name)
+    tracking.record_version_in_manifest(client, model, model_name, version)
+    champion.tag_version(client, model_name, version, candidate)
+    decision = champion.apply(client, model_name, version, candidate, promote)
+    with tracking.resumed_run(run_id):
+        tracking.set_tags(
+            {"registered_model": f"{model_name}/{version}", "champion": str(decision.promote)}
+        )
+    uri = f"models:/{model_name}/{version}"
+    return Registration(uri, model_name, version, decision.promote, decision.reason)
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    config_path: Path | None = None,
+    final: bool = False,
+    promote: bool | None = None,
+    baseline: bool = True,
+) -> TrainSummary:
+    """``tracktower train``: the stages above in order, inside one MLflow run."""
+    data = prepare(cfg.data, cfg.split, final=final)
+    log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
+    held = None if final else heldout(data.encoded)
+    baseline_id = popularity_baseline(cfg, data, held) if baseline and held else None
+    name = run_name(cfg, config_path, final=final)
+    tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
+    if baseline_id:
+        tags["baseline_run_id"] = baseline_id
+    with tracking.experiment_run(cfg.experiment, name, tags=tags) as run:
+        run_id = str(run.info.run_id)
+        tracking.log_config(cfg, flatten(cfg), config_path, final=final)
+        tracking.log_dataset(data)
+        result, seconds = fit(cfg, data)
+        with tempfile.TemporaryDirectory(prefix="tracktower-") as tmp:
+            path = export(cfg, data, result, Path(tmp) / "artifact", run_id)
+            metrics: dict[str, float] = {}
+            if held is not None:
+                metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)
+                tracking.log_test_metrics(metrics, title=f"{name} — test")
+                contract.update_manifest(path, metrics={f"test_{k}": v for k, v in metrics.items()})
+            tracking.log_model(path)
+        registration = register(run_id, model_name=cfg.model_name, promote=_promote(final, promote))
+    log.info("registered %s (champion %s)", registration.model_uri, registration.reason)
+    return TrainSummary(
+        run_id=run_id,
+        model_uri=registration.model_uri,
+        model_name=registration.name,
+        model_version=registration.version,
+        champion=registration.champion,
+        champion_reason=registration.reason,
+        metrics=metrics,
+        baseline_run_id=baseline_id,
+        dataset={"fingerprint": data.fingerprint, **data.stats},
+        train_seconds=seconds,
+    )
+
+
+def _promote(final: bool, promote: bool | None) -> bool | None:
+    """A ``--final`` retrain has no test metrics to compare: the alias moves only if forced."""
+    return promote if promote is not None else (False if final else None)
+
+
+def log_evaluation(
+    cfg: ExperimentConfig, data: Prepared, metrics: dict[str, float], *, model: str, split: str
+) -> str:
+    """An MLflow run for a re-evaluation, with the same metric names as a training run's, so it
+    sits in the runs table next to the runs it is compared with."""
+    tags = {
+        "system": "evaluate",
+        "model_uri": model,
+        "split": tracking.split_key(cfg.split.model_dump()),
+    }
+    with tracking.experiment_run(cfg.experiment, f"evaluate {model}", tags=tags) as run:
+        tracking.log_params_flat({"model_uri": model, "evaluated_split": split})
+        tracking.log_params_flat(flatten(cfg.split), prefix="split")
+        tracking.log_dataset(data)
+        tracking.log_metrics(metrics, prefix=f"{split}_")
+        return str(run.info.run_id)
