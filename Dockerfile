@@ -5,7 +5,13 @@
 #   docker run --rm -v "$PWD/mlflow:/mlflow" -v "$PWD/data:/data:ro" tracktower \
 #       tracktower train --config /app/configs/default.yaml \
 #       --interactions /data/interactions.parquet --tracks /data/tracks.parquet
-#   docker run --rm -p 8000:8000 -v "$PWD/mlflow:/mlflow" tracktower
+#   docker run --rm -p 8000:8000 -v "$PWD/mlflow:/mlflow" --env-file tracktower.env tracktower
+#
+# Serving binds 0.0.0.0 inside the container, so by default it requires API keys:
+# tracktower.env holds TRACKTOWER_API_KEYS=<key>[,<key>…] (an env file keeps the key out of the
+# shell history). Without keys the container exits at once with a one-line error (exit 2), unless
+# TRACKTOWER_ALLOW_UNAUTHENTICATED=true says that something in front of it authenticates. The
+# health check uses /healthz, which needs no key.
 #
 # The store (mlflow.db and, beside it, mlruns/ with the artifacts) lives in the /mlflow volume: the
 # working directory is /mlflow, where a sqlite store puts its artifact root, so the absolute

@@ -69,6 +69,8 @@ MANIFEST_FILE = "manifest.json"
 TRACKS_FILE = "tracks.parquet"
 SAVED_MODEL_DIR = "saved_model"
 ARRAYS_DIR = "arrays"
+# Block size of the finite-embeddings check (see _check_finite).
+_FINITE_BLOCK_BYTES = 16 << 20
 # Key of the artifact directory in the MLflow pyfunc model's ``artifacts``.
 PYFUNC_ARTIFACT_KEY = "artifact"
 HISTORY_SIGNATURE = "query_from_history"
@@ -277,8 +279,9 @@ def read_arrays(path: str | Path, manifest: Manifest, mmap: bool = True) -> dict
     """Every array of the contract, checked against it and against ``manifest``.
 
     With ``mmap`` the arrays are read-only views of memory-mapped files: pages are read on first
-    touch and shared between processes mapping the same file. The checks touch the ids, the CSR
-    and the popularity order, never the embedding matrices, which are only checked by shape.
+    touch and shared between processes mapping the same file. The checks touch the ids, the CSR,
+    the popularity order and, block by block, the embedding matrices (a NaN or inf there would
+    rank garbage without an error), so loading reads each file once; the page cache keeps them.
     """
     path = Path(path)
     arrays = {spec.name: _load_npy(array_file(path, spec.name), mmap) for spec in ARRAYS}
@@ -348,6 +351,8 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> None:
             raise _ArrayProblem(name, "duplicate ids")
     _check_csr(arrays["seen_indptr"], arrays["seen_indices"], manifest.num_tracks)
     _check_popular(arrays["popular"], arrays["popular_scores"], manifest.num_tracks)
+    for name in ("track_embeddings", "user_embeddings"):
+        _check_finite(name, arrays[name])
 
 
 def _check_spec(spec: ArraySpec, array: np.ndarray, dims: dict[str, int]) -> None:
@@ -374,6 +379,23 @@ def _check_csr(indptr: np.ndarray, indices: np.ndarray, n_tracks: int) -> None:
         )
     if len(indices) and (indices.min() < 0 or indices.max() >= n_tracks):
         raise _ArrayProblem("seen_indices", f"track index outside [0, {n_tracks})")
+
+
+def _check_finite(name: str, matrix: np.ndarray) -> None:
+    """Every embedding is finite, checked in row blocks of about ``_FINITE_BLOCK_BYTES`` so a
+    large memory-mapped matrix is never copied whole (``isfinite`` of a block is a bool copy).
+    Runs after the shape checks, so ``matrix`` is 2-D."""
+    rows = max(1, _FINITE_BLOCK_BYTES // max(1, matrix.itemsize * matrix.shape[1]))
+    for start in range(0, len(matrix), rows):
+        block = matrix[start : start + rows]
+        finite = np.isfinite(block)
+        if not finite.all():
+            row, col = (int(v) for v in np.argwhere(~finite)[0])
+            raise _ArrayProblem(
+                name,
+                f"row {start + row} is not finite ({block[row, col]} in column {col}); the "
+                "model diverged or the file is corrupt",
+            )
 
 
 def _check_popular(popular: np.ndarray, scores: np.ndarray, n_tracks: int) -> None:

@@ -15,7 +15,7 @@ import pandas as pd
 from tracktower.features.columns import ColumnMap
 from tracktower.features.errors import DataError
 
-__all__ = ["ColumnMap", "canonical_interactions", "check_ids", "dedupe_interactions"]
+__all__ = ["ColumnMap", "as_text", "canonical_interactions", "check_ids", "dedupe_interactions"]
 
 _EPOCH = pd.Timestamp("1970-01-01", tz="UTC")
 
@@ -70,13 +70,40 @@ def check_ids(col: pd.Series, path: Path, name: str, row_base: int) -> pd.Series
     missing = values.isna().to_numpy()
     if pd.api.types.is_float_dtype(values.dtype) and (values.dropna() % 1 == 0).all():
         values = values.astype("Int64")
-    text = values.astype("str")
+    text = as_text(values, path, name, row_base)
     bad = missing | (text.str.strip() == "").to_numpy(dtype=bool, na_value=False)
     if bad.any():
         i = _first(bad)
         what = "missing id" if missing[i] else f"empty id {text.iloc[i]!r}"
         raise DataError(what, path=path, column=name, row=i + row_base)
     return text
+
+
+def as_text(values: pd.Series, path: Path, name: str, row_base: int) -> pd.Series:
+    """``values.astype("str")`` for a positionally indexed column, with bytes that are not UTF-8
+    reported as the file, column and row they came from.
+
+    A Parquet ``binary`` column arrives as Python ``bytes``; pandas decodes them as UTF-8 and
+    raises a bare UnicodeDecodeError (no row, no file) on the first invalid one. Valid UTF-8
+    bytes are accepted: they are text stored under a looser Parquet type.
+    """
+    try:
+        return values.astype("str")
+    except UnicodeDecodeError:
+        pass
+    for i, value in enumerate(values.to_numpy(dtype=object)):
+        if isinstance(value, bytes | bytearray):
+            try:
+                bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(
+                    f"binary value {bytes(value[:40])!r} is not UTF-8 text; "
+                    "store the column as UTF-8 strings",
+                    path=path,
+                    column=name,
+                    row=i + row_base,
+                ) from None
+    raise DataError("column is not UTF-8 text", path=path, column=name)
 
 
 def _first(mask: np.ndarray) -> int:
@@ -89,7 +116,7 @@ def _weights(col: pd.Series, path: Path, name: str, row_base: int) -> np.ndarray
         w = values.to_numpy(dtype=np.float64, na_value=np.nan)
         unparsable = np.zeros(len(w), dtype=bool)
     else:
-        text = values.astype("str")
+        text = as_text(values, path, name, row_base)
         blank = (values.isna() | (text.str.strip() == "")).to_numpy()
         w = pd.to_numeric(text.where(~blank), errors="coerce").to_numpy(
             dtype=np.float64, na_value=np.nan
@@ -126,7 +153,7 @@ def _timestamps(col: pd.Series, path: Path, name: str, row_base: int) -> np.ndar
             raise DataError("missing timestamp", **where, row=_first(bad) + row_base)
         return np.floor(ts).astype(np.int64)
     else:
-        text = values.astype("str")
+        text = as_text(values, path, name, row_base)
         numeric = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         is_num = np.isfinite(numeric)
         if is_num.all():

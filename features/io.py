@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from tracktower.features.canonical import (
     ColumnMap,
+    as_text,
     canonical_interactions,
     check_ids,
     dedupe_interactions,
@@ -278,14 +279,14 @@ def _normalise_tracks(raw: pd.DataFrame, path: Path, *, row_base: int) -> pd.Dat
         if name in ("year", "duration_ms"):
             out[name] = _optional_int(col, path, name, row_base)
         else:
-            text = col.astype("str").where(col.notna())
+            text = as_text(col, path, name, row_base).where(col.notna())
             out[name] = text.where(text.str.strip() != "")
     return out.drop_duplicates("track_id", keep="first", ignore_index=True)
 
 
 def _optional_int(col: pd.Series, path: Path, name: str, row_base: int) -> pd.Series:
     """Nullable integers; blanks and the 0 that some datasets use for "unknown" become missing."""
-    blank = col.isna() | (col.astype("str").str.strip() == "")
+    blank = col.isna() | (as_text(col, path, name, row_base).str.strip() == "")
     values = pd.to_numeric(col.where(~blank), errors="coerce")
     bad = values.isna() & ~blank
     if bad.any():

@@ -9,6 +9,11 @@ walking them (~0.1 s on a busy 2-core box) stalls every in-flight request.
 
 ``create_app`` with no arguments reads ``TRACKTOWER_*`` settings, which is what
 ``uvicorn --factory tracktower.serving.app:factory`` (and ``tracktower serve``) runs in each worker.
+
+Middleware, outermost first, all pure ASGI: metrics (so every answer is counted), header limits
+(431), API keys (401, only when ``api_keys`` is set: an open server pays nothing for auth), the
+body-size limit (413). The limits that apply while a request is still arriving are the HTTP
+protocol's (``serving/protocol.py``, chosen by ``tracktower serve``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
 from tracktower.serving.artifact import Recommender
+from tracktower.serving.auth import ApiKeyAuth, declare_security, key_digests, open_paths
 from tracktower.serving.deps import LoadedModel, Serving
 from tracktower.serving.errors import BodySizeLimit, install_error_handlers
+from tracktower.serving.limits import BatchGate, HeaderLimits
 from tracktower.serving.metrics import Metrics, MetricsMiddleware
 from tracktower.serving.routers import health, model, recommendations
 from tracktower.serving.settings import Settings
@@ -136,8 +143,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.state.recommender = None
     app.state.model = None
     app.state.serving = None
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 413s
+    # Per app, not per model: a model swap must not reset the count of batches in progress.
+    app.state.batch_gate = BatchGate(settings.max_concurrent_batches)
+    _add_middleware(app, settings, metrics)
     install_error_handlers(app)
     # Routers carry their own /v1 prefix so route templates (metrics labels) include it. The
     # recommendation routes go first: routes are matched in order, each miss costing ~20 us.
@@ -145,6 +153,22 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.include_router(health.router)
     app.include_router(model.router)
     return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Innermost first (each ``add_middleware`` wraps the previous ones); see the module."""
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.auth_enabled:
+        keys = [key.get_secret_value() for key in settings.api_keys]
+        public = open_paths(
+            app, metrics_public=settings.metrics_public, docs_public=settings.docs_public
+        )
+        app.add_middleware(ApiKeyAuth, digests=key_digests(keys), open_paths=public)
+        declare_security(app, public)
+    app.add_middleware(
+        HeaderLimits, max_headers=settings.max_headers, max_bytes=settings.max_header_bytes
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 4xx above
 
 
 def factory() -> FastAPI:

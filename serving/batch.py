@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tracktower.features.canonical import as_text
 from tracktower.features.errors import DataError
 from tracktower.serving.artifact import Recommender, TopK
 from tracktower.serving.resolve import ResolvedModel, resolve_artifact
@@ -55,11 +56,18 @@ def read_user_ids(path: str | Path) -> list[str]:
     except (OSError, ValueError, UnicodeDecodeError, pa.ArrowException) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DataError(f"unreadable users file: {reason}", path=path) from exc
-    bad = values.isna() | (values.astype(str).str.strip() == "")
+    values = values.reset_index(drop=True)
+    nested = values.map(lambda v: isinstance(v, list | tuple | dict | np.ndarray)).to_numpy(bool)
+    if nested.any():
+        row = int(np.flatnonzero(nested)[0])
+        raise DataError("expected one id per row, got a list", path=path, column="user_id", row=row)
+    missing = values.isna().to_numpy(bool)
+    text = as_text(values.where(~missing, ""), path, "user_id", row_base=0)
+    bad = missing | (text.str.strip() == "").to_numpy(bool)
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
+        row = int(np.flatnonzero(bad)[0])
         raise DataError("empty user id", path=path, column="user_id", row=row)
-    ids = values.astype(str).str.strip().tolist()
+    ids = text.str.strip().tolist()
     if not ids:
         raise DataError("no user ids", path=path)
     return ids

@@ -18,12 +18,22 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    """A 4xx/5xx in the JSON error shape; a 503 without its own ``headers`` says Retry-After 5."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None) -> JSONResponse:
@@ -44,7 +54,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         response = error_response(exc.status, exc.code, exc.message, exc.field)
-        if exc.status == 503:
+        if exc.headers is not None:
+            response.headers.update(exc.headers)
+        elif exc.status == 503:
             response.headers["Retry-After"] = "5"
         return response
 

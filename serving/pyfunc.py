@@ -33,7 +33,10 @@ class TracktowerModel(PythonModel):
         if "user_id" not in model_input.columns:
             raise DataError("missing column", column="user_id")
         default_k = int((params or {}).get("k", DEFAULT_K))
-        user_ids = model_input["user_id"].astype(str).tolist()
+        ids = model_input["user_id"]
+        if ids.map(lambda v: isinstance(v, list | tuple | dict | np.ndarray)).any():
+            raise DataError("expected one id per row, got a list", column="user_id")
+        user_ids = ids.astype(str).tolist()
         if "k" in model_input.columns:
             ks = pd.to_numeric(model_input["k"]).fillna(default_k).astype(int).tolist()
         else:

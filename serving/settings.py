@@ -7,12 +7,22 @@ factory reads them back here.
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import re
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# An API key is a bearer token (RFC 6750's token68 characters) long enough not to be guessed.
+MIN_API_KEY_LENGTH = 16
+_API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRACKTOWER_", extra="ignore", frozen=True)
+    # Errors never echo a value: one of them may be an API key.
+    model_config = SettingsConfigDict(
+        env_prefix="TRACKTOWER_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     model_uri: str = "models:/tracktower@champion"
     tracking_uri: str | None = None
@@ -39,10 +49,79 @@ class Settings(BaseSettings):
     # One log line per request costs more CPU than a precomputed recommendation; errors and
     # startup are still logged, and per-route counts and latencies are in /metrics.
     access_log: bool = False
+    # --- authentication (see serving/auth.py) ---
+    # Comma-separated in TRACKTOWER_API_KEYS; empty (the default) turns authentication off.
+    # Several keys let a key be rotated without downtime: add the new one, move the clients,
+    # drop the old one. Only through the environment: a CLI flag would show in `ps`.
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    # `tracktower serve` refuses a non-loopback address without api_keys unless this is set
+    # (something in front of the server authenticates, e.g. a gateway on a private network).
+    allow_unauthenticated: bool = False
+    # With api_keys set: /metrics needs a key too (Prometheus sends one with `authorization`
+    # in its scrape config); request counts and the model version are not for everyone.
+    metrics_public: bool = False
+    # With api_keys set: /docs and /openapi.json stay open. They describe an API whose source
+    # is public, and a browser cannot send a key to load the page itself; "Authorize" there
+    # takes the key for the calls it makes.
+    docs_public: bool = True
+
+    # --- limits (see serving/limits.py) ---
+    # Request line plus headers; over it the answer is 431, an incomplete head is cut off
+    # as soon as it passes the limit. 16 KiB is what uvicorn's h11 parser allows by default.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_headers: int = Field(default=100, ge=1)
+    # From a request's first byte (or the connection opening) to the last byte of its body:
+    # a slow or stalled client is disconnected (408 if its head was incomplete).
+    read_timeout_seconds: float = Field(default=10.0, gt=0)
+    # An idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_seconds: int = Field(default=5, ge=1)
+    # uvicorn's limit_concurrency, per worker: over this many open connections or requests in
+    # progress, a new request gets uvicorn's own 503 (plain text). None: no limit.
+    max_connections: int | None = Field(default=1000, ge=1)
+    # On SIGTERM, requests in flight get this long to finish before they are cancelled.
+    graceful_shutdown_seconds: int = Field(default=15, ge=0)
+    # Batch requests scored at once per worker, off the event loop; one more is answered 503
+    # with Retry-After at once instead of queueing behind them.
+    max_concurrent_batches: int = Field(default=2, ge=1)
+    # Deadline of a batch request, from when its handler starts: scoring stops at the next
+    # block of users and the answer is 504 (see routers/recommendations.py).
+    request_timeout_seconds: float = Field(default=10.0, gt=0)
+
     # FastAPI's native OpenTelemetry instrumentation (spans and metrics through the global OTel
     # providers). Off by default: Prometheus (/metrics) is the monitoring here, and the per-request
     # checks cost ~20 us even with no provider configured.
     opentelemetry: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        """``"k1, k2,"`` → ``("k1", "k2")``: blanks around and between keys are dropped, a
+        duplicate is kept once, and a key that is too short or holds characters a header
+        cannot carry unchanged is refused by position (never echoed: it is a secret)."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value
+        keys: list[str] = []
+        for item in value:
+            key = item.get_secret_value() if isinstance(item, SecretStr) else item
+            if not isinstance(key, str):
+                return value  # let pydantic report the type
+            key = key.strip()
+            if key and key not in keys:
+                keys.append(key)
+        for position, key in enumerate(keys, start=1):
+            if len(key) < MIN_API_KEY_LENGTH or not _API_KEY.fullmatch(key):
+                raise ValueError(
+                    f"API key {position} must be at least {MIN_API_KEY_LENGTH} characters of "
+                    "A-Z a-z 0-9 - . _ ~ + / (e.g. python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(32))')"
+                )
+        return tuple(keys)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)
 
     @model_validator(mode="after")
     def _default_k_within_max(self) -> Settings:

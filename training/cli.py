@@ -51,6 +51,8 @@ SummaryOpt = Annotated[
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
+# The run finished but its model did not pass the registration gate (training/champion.py).
+EXIT_NOT_REGISTERED = 3
 
 
 def experiment_config(
@@ -114,12 +116,15 @@ def train(
     )
     if summary is not None:
         result.write(summary)
+    for name, value in result.metrics.items():
+        typer.echo(f"  test {name:16s} {value:.4f}")
+    if not result.registered:
+        typer.echo(f"run {result.run_id}: {result.champion_reason}", err=True)
+        raise typer.Exit(EXIT_NOT_REGISTERED)
     typer.echo(
         f"run {result.run_id}: {result.model_uri} "
         f"(champion {'moved' if result.champion else 'unchanged'}: {result.champion_reason})"
     )
-    for name, value in result.metrics.items():
-        typer.echo(f"  test {name:16s} {value:.4f}")
 
 
 MODEL_HELP = (
@@ -192,6 +197,9 @@ def register(
 
     tracking.configure(tracking_uri)
     result = stages.register(run_id, model_name=model_name, promote=promote)
+    if not result.registered:
+        typer.echo(f"run {run_id}: {result.reason}", err=True)
+        raise typer.Exit(EXIT_NOT_REGISTERED)
     typer.echo(
         f"registered {result.model_uri} "
         f"(champion {'moved' if result.champion else 'unchanged'}: {result.reason})"

@@ -130,6 +130,24 @@ class EvalConfig(_Strict):
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
 
 
+class PromotionConfig(_Strict):
+    """When a trained model is registered at all, and when it may become champion.
+
+    The size floor stops a degenerate file (one user, a few rows) from producing a "champion"
+    whose fingerprint then blocks every real model; the lift over popularity stops a model that
+    learned nothing from being registered; the tie tolerance keeps a champion that a new model
+    matches only within run-to-run noise (see :mod:`tracktower.training.champion`).
+    """
+
+    min_users: int = Field(20, ge=1)
+    min_tracks: int = Field(20, ge=1)
+    min_rows: int = Field(200, ge=1)
+    # Test Recall@20 must be strictly greater than popularity's on the same split times this.
+    min_lift: float = Field(1.05, ge=1.0)
+    # A challenger within this much test Recall@20 of the champion leaves the champion in place.
+    tie_tolerance: float = Field(0.001, ge=0.0)
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "tracktower"
     model_name: str = "tracktower"
@@ -139,6 +157,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
 
 def _parse_value(raw: str) -> Any:

@@ -60,6 +60,8 @@ def prepare(data: DataConfig, split: SplitConfig, *, final: bool = False) -> Pre
         interactions, tracks = io.read_mpd_slices(path)
     else:
         interactions = io.read_interactions(path, data.columns)
+    if "weight" in interactions and not (interactions["weight"] > 0).any():
+        raise DataError("every weight is 0: there is no interaction to learn from", path=path)
     if data.tracks:
         tracks = io.read_tracks(Path(data.tracks), interactions)
     min_user, min_track = max(data.k_core, 1), max(data.k_core, data.min_track_users, 1)

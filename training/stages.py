@@ -13,10 +13,14 @@ interrupted run never replaces a good model; whether the champion alias moves is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,18 +32,20 @@ from tracktower.features import artifact as contract
 from tracktower.features.dataset import Encoded, reindex
 from tracktower.features.errors import DataError
 from tracktower.training import champion, tracking
-from tracktower.training.config import ExperimentConfig, flatten
+from tracktower.training.config import ExperimentConfig, PromotionConfig, flatten
 from tracktower.training.data import Prepared, prepare
 
 if TYPE_CHECKING:
     from tracktower.training.train import FitResult
 
 log = logging.getLogger(__name__)
+_SCRATCH_PREFIX = "tracktower-"
 
 __all__ = [
     "Heldout",
     "Registration",
     "TrainSummary",
+    "check_size",
     "evaluate_artifact",
     "export",
     "fit",
@@ -64,25 +70,29 @@ class Heldout:
 
 @dataclass(frozen=True)
 class Registration:
-    """Outcome of registering a run's model, including *why* the champion alias did (not) move."""
+    """Outcome of registering a run's model: whether it was registered at all (see
+    :func:`tracktower.training.champion.gate`), and *why* the champion alias did (not) move."""
 
-    model_uri: str
+    model_uri: str | None
     name: str
-    version: str
+    version: str | None
     champion: bool
     reason: str
+    registered: bool = True
 
 
 @dataclass
 class TrainSummary:
     run_id: str
-    model_uri: str
+    model_uri: str | None
     model_name: str
-    model_version: str
+    model_version: str | None
+    registered: bool
     champion: bool
     champion_reason: str
     metrics: dict[str, float] = field(default_factory=dict)
     baseline_run_id: str | None = None
+    baseline_metrics: dict[str, float] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
 
@@ -112,33 +122,57 @@ def run_name(cfg: ExperimentConfig, config_path: Path | None, *, final: bool) ->
     return f"{name} final" if final else name
 
 
-def popularity_baseline(cfg: ExperimentConfig, data: Prepared, held: Heldout) -> str:
-    """The run every model must beat, logged once per dataset fingerprint and split.
+def check_size(policy: PromotionConfig, data: Prepared) -> None:
+    """Refuse data too small to say anything (before any training or MLflow run)."""
+    stats = data.stats
+    for key, floor in (("users", policy.min_users), ("tracks", policy.min_tracks)):
+        if stats[key] < floor:
+            raise DataError(
+                f"only {stats[key]} {key} after filtering ({stats['rows']} rows): below "
+                f"promotion.min_{key}={floor}; a model of so little data is not registered "
+                f"(lower promotion.min_{key} to train on it anyway)",
+                path=data.source,
+            )
+    if stats["rows"] < policy.min_rows:
+        raise DataError(
+            f"only {stats['rows']} interactions after filtering: below promotion.min_rows="
+            f"{policy.min_rows} (lower it to train on so little data anyway)",
+            path=data.source,
+        )
 
-    Re-running it with every ``train`` would only add identical rows to the runs table; an
-    existing run with the same fingerprint and split is reused.
+
+def popularity_baseline(
+    cfg: ExperimentConfig, data: Prepared, held: Heldout, *, log_run: bool = True
+) -> tuple[str | None, dict[str, float]]:
+    """The scores every model must beat, and the run that records them.
+
+    The metrics are always computed (the registration gate needs them); the run is logged once
+    per dataset fingerprint and split, since re-logging it with every ``train`` would only add
+    identical rows to the runs table, and an existing one is reused.
     """
     from tracktower.training.baselines.popular import Popularity
     from tracktower.training.baselines.runner import evaluate_recommender
 
+    started = time.perf_counter()
+    model = Popularity().fit(data.encoded.train)
+    fit_seconds = time.perf_counter() - started
+    metrics = evaluate_recommender(
+        model, held.truth, held.unknown, cfg.eval.ks, exclude=held.exclude
+    )
+    if not log_run:
+        return None, metrics
     split_key = tracking.split_key(cfg.split.model_dump())
     existing = tracking.find_baseline_run(cfg.experiment, "popular", data.fingerprint, split_key)
     if existing is not None:
         log.info("popularity baseline for this dataset and split: run %s (reused)", existing)
-        return existing
+        return existing, metrics
     tags = {"system": "popular", "model": "popular", "split": split_key}
     with tracking.experiment_run(cfg.experiment, "popularity", tags=tags) as run:
         tracking.log_params_flat({"model": "popular", "split": cfg.split.model_dump()})
         tracking.log_dataset(data)
-        started = time.perf_counter()
-        model = Popularity().fit(data.encoded.train)
-        fit_seconds = time.perf_counter() - started
-        metrics = evaluate_recommender(
-            model, held.truth, held.unknown, cfg.eval.ks, exclude=held.exclude
-        )
         tracking.log_metrics(metrics, prefix="test_")
         tracking.log_metrics({"fit_seconds": fit_seconds})
-        return str(run.info.run_id)
+        return str(run.info.run_id), metrics
 
 
 def fit(cfg: ExperimentConfig, data: Prepared) -> tuple[FitResult, float]:
@@ -226,10 +260,12 @@ def reindex_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def register(run_id: str, *, model_name: str, promote: bool | None) -> Registration:
-    """Register the model logged by ``run_id`` and apply the champion policy to it.
+    """Register the model logged by ``run_id`` if it passes the gate, then apply the champion
+    policy to it.
 
-    The run's own records say what the policy compares (dataset fingerprint, test Recall@20), so
-    any finished run can be registered later, not only the one that just trained.
+    The run's own records say what the policy compares (dataset fingerprint, test Recall@20,
+    popularity's on the same split, the ``promotion.*`` settings it was trained with), so any
+    finished run can be registered later, not only the one that just trained.
     """
     import mlflow
 
@@ -239,14 +275,24 @@ def register(run_id: str, *, model_name: str, promote: bool | None) -> Registrat
     if run.info.status != "FINISHED" and (active is None or active.info.run_id != run_id):
         raise DataError(f"run {run_id} is {run.info.status}; only a finished run is registered")
     model = tracking.logged_model(client, run)
-    candidate = champion.Candidate(
-        fingerprint=run.data.params.get("dataset.fingerprint", ""),
-        recall_at_20=run.data.metrics.get("test_recall_at_20"),
+    params, metrics = run.data.params, run.data.metrics
+    policy = PromotionConfig.model_validate(
+        {k.removeprefix("promotion."): v for k, v in params.items() if k.startswith("promotion.")}
     )
+    candidate = champion.Candidate(
+        fingerprint=params.get("dataset.fingerprint", ""),
+        recall_at_20=metrics.get("test_recall_at_20"),
+        baseline_recall_at_20=metrics.get("baseline_test_recall_at_20"),
+    )
+    gate = champion.gate(candidate, policy.min_lift)
+    if not gate.promote:
+        with tracking.resumed_run(run_id):
+            tracking.set_tags({"registered_model": "", "champion": "False", "gate": gate.reason})
+        return Registration(None, model_name, None, False, gate.reason, registered=False)
     version = tracking.register_version(client, model, model_name)
     tracking.record_version_in_manifest(client, model, model_name, version)
     champion.tag_version(client, model_name, version, candidate)
-    decision = champion.apply(client, model_name, version, candidate, promote)
+    decision = champion.apply(client, model_name, version, candidate, promote, policy.tie_tolerance)
     with tracking.resumed_run(run_id):
         tracking.set_tags(
             {"registered_model": f"{model_name}/{version}", "champion": str(decision.promote)}
@@ -266,8 +312,11 @@ def train(
     """``tracktower train``: the stages above in order, inside one MLflow run."""
     data = prepare(cfg.data, cfg.split, final=final)
     log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
+    check_size(cfg.promotion, data)
     held = None if final else heldout(data.encoded)
-    baseline_id = popularity_baseline(cfg, data, held) if baseline and held else None
+    baseline_id, popular = (
+        popularity_baseline(cfg, data, held, log_run=baseline) if held else (None, {})
+    )
     name = run_name(cfg, config_path, final=final)
     tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
     if baseline_id:
@@ -277,28 +326,54 @@ def train(
         tracking.log_config(cfg, flatten(cfg), config_path, final=final)
         tracking.log_dataset(data)
         result, seconds = fit(cfg, data)
-        with tempfile.TemporaryDirectory(prefix="tracktower-") as tmp:
+        with scratch_dir() as tmp:
             path = export(cfg, data, result, Path(tmp) / "artifact", run_id)
             metrics: dict[str, float] = {}
             if held is not None:
                 metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)
                 tracking.log_test_metrics(metrics, title=f"{name} — test")
+                tracking.log_metrics(popular, prefix="baseline_test_")
                 contract.update_manifest(path, metrics={f"test_{k}": v for k, v in metrics.items()})
             tracking.log_model(path)
         registration = register(run_id, model_name=cfg.model_name, promote=_promote(final, promote))
-    log.info("registered %s (champion %s)", registration.model_uri, registration.reason)
+    log.info("%s: %s", registration.model_uri or "not registered", registration.reason)
     return TrainSummary(
         run_id=run_id,
         model_uri=registration.model_uri,
         model_name=registration.name,
         model_version=registration.version,
+        registered=registration.registered,
         champion=registration.champion,
         champion_reason=registration.reason,
         metrics=metrics,
         baseline_run_id=baseline_id,
+        baseline_metrics=popular,
         dataset={"fingerprint": data.fingerprint, **data.stats},
         train_seconds=seconds,
     )
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    """A temporary directory for the export, named after this process; directories that a killed
+    run (``kill -9`` skips every cleanup) left behind are removed first, so they never pile up."""
+    root = Path(tempfile.gettempdir())
+    for old in root.glob(f"{_SCRATCH_PREFIX}*-"):
+        pid = old.name.removeprefix(_SCRATCH_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", suffix="-") as tmp:
+        yield tmp
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _promote(final: bool, promote: bool | None) -> bool | None:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import warnings
@@ -57,6 +58,31 @@ def configure(tracking_uri: str | None) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+def initialise_store(uri: str) -> None:
+    """Create or migrate a sqlite store under an exclusive file lock (at the first run's start,
+    not at ``configure``: bad input must leave no store behind).
+
+    MLflow creates and migrates the schema on first use; two processes doing that at once on a
+    fresh file race inside alembic and one dies with a migration traceback. Serialising the first
+    touch per process makes concurrent first-time starts safe (the later one finds it done).
+    Server-backed stores initialise themselves and need nothing here.
+    """
+    import fcntl
+
+    from mlflow import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @contextlib.contextmanager
 def experiment_run(
     experiment: str, run_name: str, tags: dict[str, str] | None = None
@@ -67,14 +93,16 @@ def experiment_run(
     ``tracktower train``), so we ask git about this package's source tree instead."""
     import mlflow
 
-    all_tags = dict(tags or {})
+    all_tags = {**dict(tags or {}), **_owner_tags()}
     if commit := git_commit():
         all_tags.setdefault("mlflow.source.git.commit", commit)
+    initialise_store(mlflow.get_tracking_uri())
     exp = mlflow.set_experiment(experiment)
     if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
         mlflow.MlflowClient().set_experiment_tag(
             exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
         )
+    end_dead_runs(exp.experiment_id)
     # start_run's context manager ends the run FAILED on any exception; an interrupt (Ctrl-C, or
     # SIGTERM after end_runs_on_sigterm) is not a failure of the run, so it ends KILLED.
     with mlflow.start_run(run_name=run_name, tags=all_tags) as run:
@@ -83,6 +111,63 @@ def experiment_run(
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
+
+
+HOST_TAG, PID_TAG, PID_START_TAG = "tracktower.host", "tracktower.pid", "tracktower.pid_start"
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), which tells a live process from a later one
+    that reused its pid; None where /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(pid),
+        PID_START_TAG: _process_start(pid) or "",
+    }
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return not start or _process_start(pid) in (start, None)
+
+
+def end_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this experiment whose process on this host is gone.
+
+    A ``kill -9`` (or a lost machine) never lets a run end itself, so it would stay RUNNING
+    forever; the next run started against the store cleans up after it. Runs from other hosts
+    cannot be checked from here and are left alone.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    ended = []
+    for run in client.search_runs([experiment_id], query, max_results=200):
+        tags = run.data.tags
+        pid = int(tags.get(PID_TAG, "0") or 0)
+        if pid and not _alive(pid, tags.get(PID_START_TAG, "")):
+            client.set_tag(
+                run.info.run_id, "tracktower.ended_by", f"pid {os.getpid()}: process gone"
+            )
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(str(run.info.run_id))
+    return ended
 
 
 def _source_dir() -> Path | None:

@@ -1,4 +1,10 @@
-"""What is being served: the manifest summary of the loaded artifact."""
+"""What is being served: the manifest summary of the loaded artifact.
+
+``uri`` is the registry URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``) the server loaded,
+which a client can pass to ``tracktower`` itself; a model served from a local directory has
+``uri: null``: its path says nothing a client can use and something about the server's disk
+that it should not, and ``name`` and ``run_id`` identify the model either way.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ async def model_summary(serving: ServingDep) -> ModelSummary:
     return ModelSummary(
         name=loaded.name,
         version=loaded.version,
-        uri=loaded.uri,
+        uri=public_uri(loaded.uri),
         run_id=manifest.run_id,
         created_at=manifest.created_at,
         format_version=manifest.format_version,
@@ -32,3 +38,10 @@ async def model_summary(serving: ServingDep) -> ModelSummary:
         },
         libraries=manifest.libraries,
     )
+
+
+def public_uri(uri: str | None) -> str | None:
+    """The URI when it names a registry entry or a run, else None (see the module)."""
+    if uri is not None and uri.startswith(("models:/", "runs:/")):
+        return uri
+    return None

@@ -220,6 +220,13 @@ def test_default_store_then_evaluate_and_register_as_separate_stages(
         ("user_id,track_id,weight\na,b,1\nc,d,-3\n", "row 2"),
         ("user_id,track_id,weight\na,b,1\nc,d,nan\n", "weight"),
         ("user_id,track_id\na,\n", "track_id"),
+        # one user, 28 rows: too little to register, refused before any run (safe promotion)
+        ("user_id,track_id\n" + "".join(f"solo,t{i}\n" for i in range(28)), "min_users"),
+        (
+            "user_id,track_id,weight\n"
+            + "".join(f"u{u},t{t},0\n" for u in range(30) for t in range(30)),
+            "every weight is 0",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_registers_nothing(
@@ -288,3 +295,17 @@ def test_serve_and_its_worker_never_import_training(tmp_path: Path):
         os.killpg(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     assert "tracktower.training" not in _imported(stderr), stderr[-2000:]
+
+
+def test_a_model_that_does_not_beat_popularity_is_not_registered(synth_dir: Path, tmp_path: Path):
+    env = _env()
+    proc = _train(
+        tmp_path, env, synth_dir, "--set", "train.epochs=1", "--set", "promotion.min_lift=1000"
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "not registered" in proc.stderr and "popularity" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.search_model_versions("name = 'tracktower'") == []

@@ -293,3 +293,62 @@ with tracking.experiment_run("sigterm", "victim"):
     assert exp is not None
     [run] = client.search_runs([exp.experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_a_run_whose_process_was_killed_is_ended_by_the_next_run(tmp_path: Path) -> None:
+    """kill -9 leaves no chance to end a run; the next run against the store ends it KILLED."""
+    import signal
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = f"""
+import time
+from tracktower.training import tracking
+tracking.configure({uri!r})
+with tracking.experiment_run("crash", "victim") as run:
+    print(run.info.run_id, flush=True)
+    time.sleep(120)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    victim = proc.stdout.readline().strip()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    client = MlflowClient(uri)
+    assert client.get_run(victim).info.status == "RUNNING"
+    tracking.configure(uri)
+    try:
+        with tracking.experiment_run("crash", "next"):
+            pass
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+    ended = client.get_run(victim)
+    assert ended.info.status == "KILLED"
+    assert "process gone" in ended.data.tags["tracktower.ended_by"]
+
+
+def test_first_time_store_initialisation_is_safe_when_concurrent(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    script = (
+        "from tracktower.training import tracking\n"
+        f"tracking.configure({uri!r})\n"
+        "with tracking.experiment_run('race', 'r'):\n"
+        "    pass\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    exp = MlflowClient(uri).get_experiment_by_name("race")
+    assert exp is not None
+    assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 3

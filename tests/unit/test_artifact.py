@@ -276,3 +276,32 @@ def test_metadata_without_track_id_column(tmp_path: Path) -> None:
     pd.DataFrame({"title": ["x"]}).to_parquet(path / artifact.TRACKS_FILE)
     with pytest.raises(DataError, match="column 'track_id'"):
         read_track_metadata(path, np.array(["t"]))
+
+
+@pytest.mark.parametrize("name", ["track_embeddings", "user_embeddings"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_embeddings_refuse_to_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: float
+) -> None:
+    path = _write(tmp_path / "a")
+    matrix = np.load(array_file(path, name))
+    matrix[7, 2] = value
+    _replace(path, name, matrix)
+    # Blocks of 3 rows: the bad row is found in a later block, at its absolute index.
+    monkeypatch.setattr(artifact, "_FINITE_BLOCK_BYTES", 3 * DIM * 4)
+    for mmap in (True, False):
+        with pytest.raises(
+            DataError, match=rf"row 7 is not finite \({value} in column 2\)"
+        ) as info:
+            read_arrays(path, read_manifest(path), mmap=mmap)
+        assert _one_line(info).startswith(f"{array_file(path, name)}: ")
+
+
+@pytest.mark.parametrize("name", ["track_embeddings", "user_embeddings"])
+def test_non_finite_embeddings_are_not_written(tmp_path: Path, name: str) -> None:
+    _, arrays = _inputs()[:2]
+    matrix = arrays[name].copy()
+    matrix[-1, 0] = np.nan
+    with pytest.raises(DataError, match=rf"array '{name}': row {len(matrix) - 1} is not finite"):
+        _write(tmp_path / "a", arrays={**arrays, name: matrix})
+    assert not (tmp_path / "a").exists()

@@ -52,7 +52,9 @@ def test_first_model_becomes_champion() -> None:
 
 
 @pytest.mark.parametrize(
-    ("recall", "moves"), [(0.31, True), (0.30, True), (0.29, False)], ids=["better", "tie", "worse"]
+    ("recall", "moves"),
+    [(0.31, True), (0.30, False), (0.29, False)],
+    ids=["better", "tie", "worse"],
 )
 def test_same_dataset_compares_recall(recall: float, moves: bool) -> None:
     reg = Registry()
@@ -114,3 +116,54 @@ def test_tag_version_records_what_the_policy_compares() -> None:
     reg.add("3", {})
     champion.tag_version(reg, "m", "3", Candidate(FP_B, None))
     assert reg.versions["3"].tags == {champion.FINGERPRINT_TAG: FP_B, champion.RECALL_TAG: ""}
+
+
+def test_ties_within_tolerance_keep_the_champion_and_show_both_figures() -> None:
+    reg = Registry()
+    reg.add("1", {champion.FINGERPRINT_TAG: FP_A, champion.RECALL_TAG: "0.3000"})
+    reg.alias = "1"
+    reg.add("2", {})
+    kept = champion.apply(reg, "m", "2", Candidate(FP_A, 0.3008), None, tie_tolerance=0.001)
+    assert not kept.promote and reg.alias == "1"
+    assert "0.3008" in kept.reason and "0.3000" in kept.reason and "tie" in kept.reason
+    moved = champion.apply(reg, "m", "2", Candidate(FP_A, 0.3020), None, tie_tolerance=0.001)
+    assert moved.promote and reg.alias == "2"
+
+
+def test_alias_moves_by_compare_and_set() -> None:
+    """A better champion set by another run between decision and move is not overwritten."""
+
+    class Racing(Registry):
+        looks = 0
+
+        def get_model_version_by_alias(self, name: str, alias: str) -> Any:
+            self.looks += 1
+            if self.looks == 2:  # the other run lands right after our first decision
+                self.alias = "9"
+            return super().get_model_version_by_alias(name, alias)
+
+    reg = Racing()
+    reg.add("1", {champion.FINGERPRINT_TAG: FP_A, champion.RECALL_TAG: "0.20"})
+    reg.add("9", {champion.FINGERPRINT_TAG: FP_A, champion.RECALL_TAG: "0.50"})
+    reg.add("2", {})
+    reg.alias = "1"
+    decision = champion.apply(reg, "m", "2", Candidate(FP_A, 0.30), None)
+    assert not decision.promote and reg.alias == "9"
+    assert "0.5000" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("mine", "popular", "ok"),
+    [(0.30, 0.10, True), (0.105, 0.10, True), (0.104, 0.10, False), (0.0, 0.0, False)],
+)
+def test_registration_gate_needs_a_lift_over_popularity(
+    mine: float, popular: float, ok: bool
+) -> None:
+    decision = champion.gate(Candidate(FP_A, mine, popular), min_lift=1.04)
+    assert decision.promote is ok
+    if not ok:
+        assert decision.reason.startswith("not registered") and f"{popular:.4f}" in decision.reason
+
+
+def test_final_runs_have_nothing_to_gate() -> None:
+    assert champion.gate(Candidate(FP_A, None, None), min_lift=2.0).promote

@@ -339,3 +339,42 @@ def test_tracks_aliases_dedupe_and_bad_year(tmp_path: Path) -> None:
     _raises(empty_id, lambda: io.read_tracks(empty_id), column="track_id", row=1)
     no_id = _text(tmp_path / "n.csv", "title,artist\nA,B\n")
     _raises(no_id, lambda: io.read_tracks(no_id), column="track_id")
+
+
+def _binary_parquet(path: Path, columns: dict[str, list[Any]], binary: str) -> Path:
+    """A Parquet file whose ``binary`` column has the Parquet type ``binary`` (not string)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {
+        name: pa.array(values, type=pa.binary() if name == binary else None)
+        for name, values in columns.items()
+    }
+    pq.write_table(pa.table(arrays), path)
+    return path
+
+
+@pytest.mark.parametrize("column", ["user_id", "track_id", "weight"])
+def test_non_utf8_binary_values_in_parquet_name_the_row(tmp_path: Path, column: str) -> None:
+    columns: dict[str, list[Any]] = {
+        "user_id": ["u1", "u2", "u3"],
+        "track_id": ["a", "b", "c"],
+        "weight": ["1", "2", "3"],
+    }
+    columns[column] = [v.encode() for v in columns[column]]
+    columns[column][1] = b"\xff\xfe" + columns[column][1]
+    path = _binary_parquet(tmp_path / "x.parquet", columns, column)
+    err = _raises(path, lambda: io.read_interactions(path), column=column, row=1)
+    assert "not UTF-8" in str(err) and "\\xff\\xfe" in str(err)
+
+
+def test_utf8_binary_ids_in_parquet_are_text(tmp_path: Path) -> None:
+    columns: dict[str, list[Any]] = {"user_id": [b"u1", "é".encode()], "track_id": ["a", "b"]}
+    path = _binary_parquet(tmp_path / "x.parquet", columns, "user_id")
+    assert io.read_interactions(path)["user_id"].tolist() == ["u1", "é"]
+
+
+def test_non_utf8_binary_track_metadata_names_the_row(tmp_path: Path) -> None:
+    columns: dict[str, list[Any]] = {"track_id": ["a", "b", "c"], "title": [b"A", None, b"\xc3("]}
+    path = _binary_parquet(tmp_path / "t.parquet", columns, "title")
+    _raises(path, lambda: io.read_tracks(path), column="title", row=2)

@@ -94,14 +94,17 @@ def test_batch(client: TestClient) -> None:
 
 
 def test_model_summary(client: TestClient, artifact: Path) -> None:
-    body = client.get("/v1/model").json()
+    response = client.get("/v1/model")
+    body = response.json()
     assert body["name"] == "tracktower"
     assert body["run_id"] == "0123456789abcdef"
     assert body["embedding_dim"] == 8
     assert body["counts"]["users"] == 50 and body["counts"]["tracks"] == 200
     assert body["dataset"]["fingerprint"] == "f" * 64
     assert body["metrics"]["test_recall_at_10"] == 0.25
-    assert body["uri"] == str(artifact)
+    # A local directory is not shown: no filesystem path anywhere in the answer.
+    assert body["uri"] is None
+    assert str(artifact.parent) not in response.text and "/tmp" not in response.text
 
 
 BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
@@ -115,6 +118,17 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("post", "/v1/recommendations", {"user_id": ""}, 422, "user_id"),
     ("post", "/v1/recommendations", {"user_id": "y" * 300}, 422, "user_id"),
     ("post", "/v1/recommendations", {"user_id": 12}, 422, "user_id"),
+    # A list where a string is expected is refused, never turned into the string "['u00001']".
+    ("post", "/v1/recommendations", {"user_id": ["u00001"]}, 422, "user_id"),
+    (
+        "post",
+        "/v1/recommendations",
+        {"user_id": "u1", "exclude_track_ids": [["t"]]},
+        422,
+        "exclude_track_ids[0]",
+    ),
+    ("post", "/v1/recommendations:batch", {"user_ids": [["u00001"]]}, 422, "user_ids[0]"),
+    ("post", "/v1/recommendations:batch", {"user_ids": [{"id": "u00001"}]}, 422, "user_ids[0]"),
     ("post", "/v1/recommendations", {"user_id": "u1", "k": "10"}, 422, "k"),
     ("post", "/v1/recommendations", {"user_id": "u1", "k": 0}, 422, "k"),
     ("post", "/v1/recommendations", {"user_id": "u1", "k": True}, 422, "k"),

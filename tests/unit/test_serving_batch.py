@@ -97,3 +97,20 @@ def test_bad_k(artifact: Path, tmp_path: Path) -> None:
     (tmp_path / "u.txt").write_text("a\n")
     with pytest.raises(DataError, match="k must be"):
         recommend_to_parquet(artifact, tmp_path / "u.txt", 0, tmp_path / "o.parquet")
+
+
+def test_parquet_users_that_are_not_text_ids_are_one_line_errors(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    binary = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([b"ok", b"\xff\xfe"], pa.binary())}), binary)
+    with pytest.raises(DataError, match=r"binary.parquet, column 'user_id', row 1: .*UTF-8"):
+        read_user_ids(binary)
+    nested = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([["u1"], ["u2"]])}), nested)
+    with pytest.raises(DataError, match=r"row 0: expected one id per row"):
+        read_user_ids(nested)
+    text = tmp_path / "text.parquet"
+    pq.write_table(pa.table({"user_id": pa.array([b"u1", b"u2"], pa.binary())}), text)
+    assert read_user_ids(text) == ["u1", "u2"]

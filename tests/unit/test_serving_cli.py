@@ -12,7 +12,17 @@ from typer.testing import CliRunner
 
 from tracktower.serving.cli import app
 
-ENV = ["TRACKTOWER_MODEL_URI", "TRACKTOWER_HOST", "TRACKTOWER_PORT", "TRACKTOWER_WORKERS"]
+ENV = [
+    "TRACKTOWER_MODEL_URI",
+    "TRACKTOWER_HOST",
+    "TRACKTOWER_PORT",
+    "TRACKTOWER_WORKERS",
+    "TRACKTOWER_API_KEYS",
+    "TRACKTOWER_ALLOW_UNAUTHENTICATED",
+    "TRACKTOWER_MAX_HEADER_BYTES",
+    "TRACKTOWER_KEEP_ALIVE_TIMEOUT_SECONDS",
+]
+KEY = "k" * 16 + "-valid-key"
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +76,86 @@ def test_serve_passes_options_through_env(artifact: Path, env: pytest.MonkeyPatc
     assert call["env"]["TRACKTOWER_MODEL_URI"] == str(artifact)
     assert call["env"]["TRACKTOWER_PORT"] == "8123"
     assert call["access_log"] is False
-    assert (call["http"], call["loop"]) == ("httptools", "uvloop")  # pinned in pyproject
-    assert "(httptools, uvloop)" in result.stderr
+    # httptools (pinned in pyproject) through the protocol that adds the head/read limits.
+    assert call["http"] == "tracktower.serving.protocol:LimitedHttpToolsProtocol"
+    assert call["loop"] == "uvloop" and call["ws"] == "none"
+    assert "(httptools, uvloop); no API keys" in result.stderr
+
+
+def _recorded_serve(env: pytest.MonkeyPatch, args: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    import uvicorn
+
+    calls: list[dict[str, Any]] = []
+    env.setattr(uvicorn, "run", lambda target, **kwargs: calls.append(kwargs))
+    return CliRunner().invoke(app, ["serve", *args]), calls
+
+
+def test_serve_passes_server_limits_to_uvicorn(artifact: Path, env: pytest.MonkeyPatch) -> None:
+    env.setenv("TRACKTOWER_MAX_HEADER_BYTES", "4096")
+    env.setenv("TRACKTOWER_KEEP_ALIVE_TIMEOUT_SECONDS", "3")
+    result, calls = _recorded_serve(env, ["--model", str(artifact)])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["h11_max_incomplete_event_size"] == 4096
+    assert call["timeout_keep_alive"] == 3
+    assert call["limit_concurrency"] == 1000 and call["timeout_graceful_shutdown"] == 15
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "example.org", "[::]"])
+def test_serve_refuses_an_exposed_address_without_keys(
+    artifact: Path, env: pytest.MonkeyPatch, host: str
+) -> None:
+    result, calls = _recorded_serve(env, ["--model", str(artifact), "--host", host])
+    assert result.exit_code == 2 and not calls
+    line = result.stderr.strip()
+    assert "\n" not in line and "Traceback" not in result.output
+    assert line.startswith(f"error: refusing to serve on {host} without authentication")
+    assert "TRACKTOWER_API_KEYS" in line and "--allow-unauthenticated" in line
+
+
+def test_serve_refusal_comes_before_loading_the_model(
+    tmp_path: Path, env: pytest.MonkeyPatch
+) -> None:
+    result, _ = _recorded_serve(env, ["--model", str(tmp_path / "missing"), "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "refusing to serve on 0.0.0.0" in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "localhost", "::1", "[::1]"])
+def test_serve_allows_loopback_without_keys(
+    artifact: Path, env: pytest.MonkeyPatch, host: str
+) -> None:
+    result, calls = _recorded_serve(env, ["--model", str(artifact), "--host", host])
+    assert result.exit_code == 0, result.output
+    assert calls[0]["host"] == host
+
+
+def test_serve_exposed_with_keys_or_explicit_opt_out(
+    artifact: Path, env: pytest.MonkeyPatch
+) -> None:
+    args = ["--model", str(artifact), "--host", "0.0.0.0"]
+    env.setenv("TRACKTOWER_API_KEYS", f"{KEY},{KEY}2")
+    result, calls = _recorded_serve(env, args)
+    assert result.exit_code == 0 and calls[0]["host"] == "0.0.0.0", result.output
+    assert "; 2 API key(s)" in result.stderr and KEY not in result.output
+    env.delenv("TRACKTOWER_API_KEYS")
+    result, calls = _recorded_serve(env, [*args, "--allow-unauthenticated"])
+    assert result.exit_code == 0 and calls[0]["host"] == "0.0.0.0", result.output
+    assert "warning: serving 0.0.0.0 without authentication" in result.stderr
+    env.delenv("TRACKTOWER_ALLOW_UNAUTHENTICATED")
+    env.setenv("TRACKTOWER_ALLOW_UNAUTHENTICATED", "true")  # the Docker image's opt-out
+    result, calls = _recorded_serve(env, args)
+    assert result.exit_code == 0 and calls[0]["host"] == "0.0.0.0", result.output
+
+
+def test_bad_api_key_is_named_by_position_not_echoed(
+    artifact: Path, env: pytest.MonkeyPatch
+) -> None:
+    env.setenv("TRACKTOWER_API_KEYS", f"{KEY}, short-secret")
+    result, calls = _recorded_serve(env, ["--model", str(artifact)])
+    assert result.exit_code == 2 and not calls
+    assert result.stderr.startswith("error: TRACKTOWER_API_KEYS: ")
+    assert "API key 2 must be at least 16 characters" in result.stderr
+    assert "short-secret" not in result.output
 
 
 def test_serve_reports_missing_model(tmp_path: Path, env: pytest.MonkeyPatch) -> None:

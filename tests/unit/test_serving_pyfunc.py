@@ -55,6 +55,8 @@ def test_predict_defaults_and_errors(model: TracktowerModel) -> None:
         model.predict(None, pd.DataFrame({"uid": ["a"]}))
     with pytest.raises(DataError, match="k must be"):
         model.predict(None, pd.DataFrame({"user_id": ["a"]}), params={"k": 0})
+    with pytest.raises(DataError, match="one id per row"):
+        model.predict(None, pd.DataFrame({"user_id": [["a", "b"]]}))
 
 
 def test_resolve_local_artifact_and_pyfunc_dirs(artifact: Path, tmp_path: Path) -> None:
