@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from tracktower.features.artifact import (
     FORMAT_VERSION,
@@ -210,3 +211,32 @@ def synthetic_interactions(path: Path, users: int = 60, tracks: int = 40, seed: 
         for t in rng.choice(tracks, size=12, replace=False)
     ]
     pd.DataFrame(rows, columns=["user_id", "track_id", "weight"]).to_parquet(path)
+
+
+def clustered_matrix(
+    users: int = 120, tracks: int = 200, per_user: int = 12, clusters: int = 4, seed: int = 0
+) -> sp.csr_matrix:
+    """Users x tracks counts where each user listens inside one of ``clusters`` track blocks."""
+    rng = np.random.default_rng(seed)
+    size = tracks // clusters
+    rows, cols = [], []
+    for u in range(users):
+        c = u % clusters
+        rows += [u] * per_user
+        cols += list(rng.choice(np.arange(c * size, (c + 1) * size), per_user, replace=False))
+    data = rng.integers(1, 20, len(rows)).astype(np.float32)
+    return sp.csr_matrix((data, (rows, cols)), shape=(users, tracks))
+
+
+def clustered_dataset(x: sp.csr_matrix, weighting: str) -> Any:
+    """A small tf.data training input over ``x`` (TensorFlow imported only when called)."""
+    from tracktower.training import pipeline
+
+    return pipeline.training_dataset(
+        pipeline.make_examples(x, weighting),
+        x,
+        batch_size=128,
+        history_max_len=10,
+        user_id_dropout=0.0,
+        seed=0,
+    )

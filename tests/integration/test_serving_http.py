@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import builders
 import httpx
 import pytest
+from servers import running
 
 
 def _free_port() -> int:
@@ -21,35 +19,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@contextmanager
-def _running(cmd: list[str], env: dict[str, str], log_path: Path, port: int) -> Iterator[str]:
-    """Start ``cmd``, wait for /readyz, yield the base URL; always stops the process."""
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 120 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact), "TRACKTOWER_MAX_K": "50"}
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "tracktower.serving.app:factory"]
     log_path = root / "server.log"
-    with _running([*cmd, "--host", "127.0.0.1", "--port", str(port)], env, log_path, port) as base:
+    with running([*cmd, "--host", "127.0.0.1", "--port", str(port)], env, log_path, port) as base:
         yield base, log_path
 
 
@@ -121,7 +90,7 @@ def test_tracktower_serve(tmp_path: Path) -> None:
     exe = Path(sys.executable).with_name("tracktower")
     cmd = [str(exe), "serve", "--model", str(artifact), "--port", str(port)]
     log_path = tmp_path / "serve.log"
-    with _running(cmd, env, log_path, port) as base, httpx.Client(base_url=base) as client:
+    with running(cmd, env, log_path, port) as base, httpx.Client(base_url=base) as client:
         for u in range(30):
             body = client.get(f"/v1/users/u{u:05d}/recommendations", params={"k": 7}).json()
             assert body["source"] == "model" and len(body["items"]) == 7

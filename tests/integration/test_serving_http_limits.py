@@ -18,6 +18,7 @@ from pathlib import Path
 import builders
 import httpx
 import pytest
+from servers import running
 
 READ_TIMEOUT = 2.0
 KEEP_ALIVE = 1
@@ -55,31 +56,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]
         TRACKTOWER_API_KEYS=KEY,
     )
     cmd = [_tracktower(), "serve", "--model", str(artifact), "--port", str(port)]
-    log_path = root / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 120 s:\n{log_path.read_text()}")
-            time.sleep(0.25)
+    with running(cmd, env, root / "serve.log", port) as base:
         yield base, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _connect(port: int) -> socket.socket:

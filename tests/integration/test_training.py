@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import scipy.sparse as sp
+from builders import clustered_dataset, clustered_matrix
 from mlflow import MlflowClient
 
 from tracktower.features import synth
@@ -27,7 +27,7 @@ from tracktower.features.errors import DataError
 from tracktower.features.ranking import score_chunks
 from tracktower.features.tf import tf
 from tracktower.serving.artifact import Recommender
-from tracktower.training import evaluate, pipeline, stages
+from tracktower.training import evaluate, stages
 from tracktower.training import train as train_module
 from tracktower.training.config import ModelConfig, load_config
 from tracktower.training.data import prepare
@@ -283,36 +283,13 @@ def test_an_interrupted_fit_resumes_from_its_checkpoint_dir(synth_data, tmp_path
 # Tiny models on clustered data built here: each tower and loss learns something.
 
 
-def _clustered(users=120, tracks=200, per_user=12, clusters=4, seed=0):
-    rng = np.random.default_rng(seed)
-    size = tracks // clusters
-    rows, cols = [], []
-    for u in range(users):
-        c = u % clusters
-        rows += [u] * per_user
-        cols += list(rng.choice(np.arange(c * size, (c + 1) * size), per_user, replace=False))
-    data = rng.integers(1, 20, len(rows)).astype(np.float32)
-    return sp.csr_matrix((data, (rows, cols)), shape=(users, tracks))
-
-
-def _dataset(x: sp.csr_matrix, weighting: str):
-    return pipeline.training_dataset(
-        pipeline.make_examples(x, weighting),
-        x,
-        batch_size=128,
-        history_max_len=10,
-        user_id_dropout=0.0,
-        seed=0,
-    )
-
-
 def test_model_learns_clusters_better_than_chance():
     tf.keras.utils.set_random_seed(0)
-    x = _clustered()
+    x = clustered_matrix()
     cfg = ModelConfig(embedding_dim=16, query_layers=[32], temperature=0.1)
     model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
-    ds = _dataset(x, "none")
+    ds = clustered_dataset(x, "none")
     losses = model.fit(ds, epochs=6, verbose=0).history["loss"]
     assert losses[-1] < losses[0]
     q = evaluate.user_embeddings(model, x, np.arange(x.shape[0]))
@@ -324,7 +301,7 @@ def test_model_learns_clusters_better_than_chance():
 
 def test_mixed_negatives_loss_runs_and_decreases():
     tf.keras.utils.set_random_seed(0)
-    x = _clustered()
+    x = clustered_matrix()
     cfg = ModelConfig(
         embedding_dim=8,
         query_layers=[],
@@ -334,16 +311,16 @@ def test_mixed_negatives_loss_runs_and_decreases():
     )
     model = TwoTowerModel(cfg, x.shape[0], x.shape[1])
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
-    ds = _dataset(x, "log1p")
+    ds = clustered_dataset(x, "log1p")
     losses = model.fit(ds, epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
 def test_full_softmax_learns():
     tf.keras.utils.set_random_seed(0)
-    x = _clustered()
+    x = clustered_matrix()
     model = TwoTowerModel(ModelConfig(embedding_dim=8), x.shape[0], x.shape[1])
     assert model.full_softmax
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
-    losses = model.fit(_dataset(x, "none"), epochs=3, verbose=0).history["loss"]
+    losses = model.fit(clustered_dataset(x, "none"), epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -3,34 +3,12 @@ fit a model are in tests/integration/test_training.py)."""
 
 import numpy as np
 import scipy.sparse as sp
+from builders import clustered_matrix
 
 from tracktower.features.tf import tf
 from tracktower.training import pipeline
 from tracktower.training.config import ModelConfig
 from tracktower.training.model import TwoTowerModel
-
-
-def _clustered(users=120, tracks=200, per_user=12, clusters=4, seed=0):
-    rng = np.random.default_rng(seed)
-    size = tracks // clusters
-    rows, cols = [], []
-    for u in range(users):
-        c = u % clusters
-        rows += [u] * per_user
-        cols += list(rng.choice(np.arange(c * size, (c + 1) * size), per_user, replace=False))
-    data = rng.integers(1, 20, len(rows)).astype(np.float32)
-    return sp.csr_matrix((data, (rows, cols)), shape=(users, tracks))
-
-
-def _dataset(x: sp.csr_matrix, weighting: str):
-    return pipeline.training_dataset(
-        pipeline.make_examples(x, weighting),
-        x,
-        batch_size=128,
-        history_max_len=10,
-        user_id_dropout=0.0,
-        seed=0,
-    )
 
 
 def test_examples_weighting_and_log_q():
@@ -71,7 +49,7 @@ def test_auto_batch_size_scales_with_data():
 
 
 def test_training_history_never_contains_the_target_and_is_bounded():
-    x = _clustered()
+    x = clustered_matrix()
     ex = pipeline.make_examples(x, "none")
     ds = pipeline.training_dataset(
         ex,
@@ -136,7 +114,7 @@ def test_mixed_negatives_loss_is_the_sampled_softmax_written_out(monkeypatch):
 
 
 def test_full_softmax_is_chosen_by_catalogue_size():
-    x = _clustered()
+    x = clustered_matrix()
     assert TwoTowerModel(ModelConfig(embedding_dim=8), x.shape[0], x.shape[1]).full_softmax
     capped = ModelConfig(embedding_dim=8, full_softmax_max_tracks=100)
     assert not TwoTowerModel(capped, x.shape[0], x.shape[1]).full_softmax
@@ -178,7 +156,7 @@ def test_cosine_schedule_spans_all_allowed_epochs():
 
 
 def test_dataset_knows_its_steps_per_epoch_for_the_lr_schedule():
-    x = _clustered()
+    x = clustered_matrix()
     ex = pipeline.make_examples(x, "none")
     for batch_size, steps in ((128, len(ex) // 128), (len(ex) + 1, 1)):
         ds = pipeline.training_dataset(

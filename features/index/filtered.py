@@ -1,0 +1,106 @@
+"""Exclusion-aware search (seen and request-excluded tracks) on any index.
+
+An approximate index cannot mask candidates before selection the way ``ranking.top_k(...,
+exclude)`` does, so a row is over-fetched by its number of exclusions (at most ``overfetch``),
+excluded tracks are dropped, and the first k survivors kept: the result has ranking.top_k's
+format, order and padding. A row left with fewer than k survivors (more exclusions than the
+over-fetch, or an index that returned too few) is recomputed by exact search with the mask, so
+no row comes back short while unexcluded candidates exist. On an exact index the mask is applied
+directly, which is what ``ranking.top_k(..., exclude)`` computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from tracktower.features.index.base import RetrievalIndex, check_queries
+from tracktower.features.index.exact import ExactIndex
+
+__all__ = ["DEFAULT_OVERFETCH", "overfetch_search", "search_excluding"]
+
+# Extra results fetched per excluded track, at most: MPD playlists hold at most 250 tracks, so
+# a known user's seen tracks plus a few request excludes fit without the exact fallback.
+DEFAULT_OVERFETCH = 256
+
+
+def search_excluding(
+    index: RetrievalIndex,
+    exact: ExactIndex,
+    queries: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None = None,
+    rows: np.ndarray | None = None,
+    overfetch: int = DEFAULT_OVERFETCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``index`` with the stored entries of ``exclude[rows[b]]`` removed from row b.
+
+    ``exclude`` / ``rows`` mean what they mean in ``ranking.top_k`` (``rows`` defaults to one
+    exclude row per query); ``exact`` scores the rows the over-fetch cannot fill.
+    """
+    if isinstance(index, ExactIndex):
+        return index.search(queries, k, exclude, rows)
+    if exclude is None:
+        return index.search(queries, k)
+    return overfetch_search(index, exact, queries, k, exclude, rows, overfetch)
+
+
+def overfetch_search(
+    index: RetrievalIndex,
+    exact: ExactIndex,
+    queries: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix,
+    rows: np.ndarray | None = None,
+    overfetch: int = DEFAULT_OVERFETCH,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The over-fetch, filter and exact-fallback path of :func:`search_excluding`, on any index
+    (also an exact one, which makes its result equal to ``ranking.top_k(..., exclude)``)."""
+    q = check_queries(queries, index.dim, k)
+    if overfetch < 0:
+        raise ValueError(f"overfetch must be >= 0, got {overfetch}")
+    sub, rows = _exclude_rows(exclude, rows, len(q), index.size)
+    counts = np.diff(sub.indptr)
+    extra = min(int(counts.max()), overfetch) if len(counts) else 0
+    idx, top = index.search(q, k + extra)
+    hit = idx < 0
+    if sub.nnz:
+        n = index.size + 1  # key = row * n + track; -1 (padding) is masked separately
+        excluded = np.repeat(np.arange(len(q), dtype=np.int64), counts) * n + sub.indices
+        hit |= np.isin(np.arange(len(q), dtype=np.int64)[:, None] * n + idx, excluded)
+    out_idx, out_top, short = _first_survivors(idx, top, ~hit, k)
+    if short.any():
+        out_idx[short], out_top[short] = exact.search(q[short], k, exclude, rows[short])
+    return out_idx, out_top
+
+
+def _exclude_rows(
+    exclude: sp.csr_matrix, rows: np.ndarray | None, batch: int, n: int
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``exclude[rows]`` as csr, and ``rows`` (default: one exclude row per query)."""
+    csr = sp.csr_matrix(exclude)
+    if csr.shape[1] != n:
+        raise ValueError(f"exclude has {csr.shape[1]} columns but the index has {n} candidates")
+    if rows is None:
+        if csr.shape[0] != batch:
+            raise ValueError(f"exclude has {csr.shape[0]} rows for {batch} queries; pass rows=")
+        rows = np.arange(batch)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) != batch:
+        raise ValueError(f"rows has {len(rows)} entries for {batch} queries")
+    return csr[rows], rows
+
+
+def _first_survivors(
+    idx: np.ndarray, top: np.ndarray, keep: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``k`` kept entries of each row, in order, padded -1 / -inf; and which rows
+    had fewer than ``k`` to keep."""
+    rank = np.cumsum(keep, axis=1)
+    r, c = np.nonzero(keep & (rank <= k))
+    out_idx = np.full((len(idx), k), -1, dtype=np.int64)
+    out_top = np.full((len(idx), k), -np.inf, dtype=np.float32)
+    out_idx[r, rank[r, c] - 1] = idx[r, c]
+    out_top[r, rank[r, c] - 1] = top[r, c]
+    short = (rank[:, -1] if rank.shape[1] else np.zeros(len(idx), dtype=np.int64)) < k
+    return out_idx, out_top, short
