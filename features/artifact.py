@@ -6,12 +6,24 @@ An artifact is a directory::
     arrays/<name>.npy    one plain .npy per array in ARRAYS, so a server can memory-map each one
     tracks.parquet       track metadata: track_id, optional title/artist/album/year
     saved_model/         TensorFlow SavedModel, present when manifest.has_history_tower
+    index/               the retrieval index over track_embeddings (``features.index``)
 
 Track index ``i`` means the same track in every array (row ``i`` of ``track_embeddings``, column
 ``i`` of the seen CSR); user index ``u`` likewise. The SavedModel has one signature,
 ``query_from_history`` (also ``serving_default``): string track ids ``[B, L]``, ``""`` as
 padding, to ``query_embedding`` float32 ``[B, dim]``; ranking happens outside TensorFlow, in
 ``features.ranking``, so there is one top-k routine.
+
+Every ranking (server, batch, offline evaluation) searches the retrieval index built at export;
+``manifest.index`` is its ``IndexInfo``: ``backend`` (``exact`` or ``scann``), the ``params`` it
+is searched with, ``build_seconds``, and ``recall_at_10`` / ``recall_at_100`` against exact search
+measured on ``sample_users`` known users' query vectors. ``index/`` holds what the backend saved:
+nothing for ``exact`` (the index is ``track_embeddings`` itself), ScaNN's files plus
+``tracktower_index.json`` (format version, track count, dimension, build parameters, written last)
+for ``scann``. No index file holds a copy of the embeddings: ScaNN's candidates are rescored
+against the memory-mapped ``track_embeddings``, so every server process shares one copy. The
+index is read with ``read_index`` and checked against the manifest and the embeddings first; it
+is never rebuilt at load.
 
 Ids are stored as fixed-width unicode (``<U``) arrays: ``.npy`` cannot memory-map object arrays,
 and loading those would need pickle. The width is the longest id, so one very long id costs
@@ -35,9 +47,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tracktower.features.errors import DataError, one_line
+from tracktower.features.index.base import IndexInfo, RetrievalIndex, load_index
 
 __all__ = [
     "ARRAYS",
@@ -46,6 +59,7 @@ __all__ = [
     "HISTORY_INPUT",
     "HISTORY_OUTPUT",
     "HISTORY_SIGNATURE",
+    "INDEX_DIR",
     "MANIFEST_FILE",
     "PYFUNC_ARTIFACT_KEY",
     "SAVED_MODEL_DIR",
@@ -56,6 +70,7 @@ __all__ = [
     "Manifest",
     "array_file",
     "read_arrays",
+    "read_index",
     "read_manifest",
     "read_track_metadata",
     "update_manifest",
@@ -64,10 +79,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 TRACKS_FILE = "tracks.parquet"
 SAVED_MODEL_DIR = "saved_model"
+INDEX_DIR = "index"
 ARRAYS_DIR = "arrays"
 # Block size of the finite-embeddings check (see _check_finite).
 _FINITE_BLOCK_BYTES = 16 << 20
@@ -115,7 +131,8 @@ class DatasetInfo(BaseModel):
 
 
 class Manifest(BaseModel):
-    """manifest.json. ``model_version`` is set by ``update_manifest`` once registered."""
+    """manifest.json. ``model_version`` is set by ``update_manifest`` once registered;
+    ``index`` is the retrieval index's ``IndexInfo.to_dict()`` (see the module docstring)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
     format_version: int
@@ -132,6 +149,16 @@ class Manifest(BaseModel):
     num_tracks: int
     libraries: dict[str, Any] = {}
     final: bool = False
+    index: dict[str, Any]
+
+    @field_validator("index")
+    @classmethod
+    def _index_info(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return IndexInfo.from_dict(value).to_dict()
+
+    @property
+    def index_info(self) -> IndexInfo:
+        return IndexInfo.from_dict(self.index)
 
 
 class _ArrayProblem(Exception):
@@ -157,6 +184,7 @@ def write_artifact(
     arrays: Mapping[str, np.ndarray],
     tracks: pd.DataFrame,
     saved_model: Callable[[Path], None] | None = None,
+    index: RetrievalIndex | None = None,
 ) -> Path:
     """Write a complete artifact at ``out_dir`` (which must not exist) and return it.
 
@@ -166,10 +194,13 @@ def write_artifact(
     ``out_dir`` is complete or absent; a killed process may leave the hidden directory behind,
     which has its manifest written last and is skipped by ``serving.resolve``.
     ``saved_model(path)`` must write the SavedModel at ``path`` (inside the staging directory);
-    it is required when ``manifest.has_history_tower``.
+    it is required when ``manifest.has_history_tower``. ``index`` is the retrieval index
+    ``manifest.index`` describes, saved into ``index/``; it may be omitted only for the exact
+    backend, which stores nothing.
     """
     out_dir = Path(out_dir)
     _check_for_write(out_dir, manifest, arrays, tracks, saved_model)
+    _check_index_for_write(out_dir, manifest, index)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 mode would survive the rename and hide the model from other users.
     staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.partial"
@@ -183,6 +214,9 @@ def write_artifact(
             saved_model(staging / SAVED_MODEL_DIR)
             if not (staging / SAVED_MODEL_DIR).is_dir():
                 raise DataError("the saved_model callback wrote no saved_model/", path=out_dir)
+        (staging / INDEX_DIR).mkdir()
+        if index is not None:
+            index.save(staging / INDEX_DIR)
         _write_json(staging / MANIFEST_FILE, manifest)
         os.rename(staging, out_dir)
     except BaseException:
@@ -218,6 +252,24 @@ def _check_for_write(
         raise DataError("track metadata has no track_id column", path=out_dir, column="track_id")
     if manifest.has_history_tower and saved_model is None:
         raise DataError("manifest has_history_tower but no saved_model writer given", path=out_dir)
+
+
+def _check_index_for_write(out_dir: Path, manifest: Manifest, index: RetrievalIndex | None) -> None:
+    """The index is the one the manifest describes, over this artifact's tracks."""
+    info = manifest.index_info
+    if index is None:
+        if info.backend != "exact":
+            raise DataError(
+                f"manifest index is {info.backend} but no index was given", path=out_dir
+            )
+        return
+    got = (index.backend, index.size, index.dim, index.params)
+    want = (info.backend, manifest.num_tracks, manifest.embedding_dim, info.params)
+    if got != want:
+        raise DataError(
+            f"index (backend, tracks, dim, params) {got} does not match the manifest's {want}",
+            path=out_dir,
+        )
 
 
 def update_manifest(path: str | Path, **fields: Any) -> Manifest:
@@ -302,6 +354,29 @@ def _load_npy(file: Path, mmap: bool) -> np.ndarray:
     if not isinstance(loaded, np.ndarray):
         raise DataError("not a single .npy array", path=file)
     return np.asarray(loaded)  # a plain ndarray view; it keeps the mapping alive
+
+
+def read_index(
+    path: str | Path, manifest: Manifest, track_embeddings: np.ndarray
+) -> RetrievalIndex:
+    """The retrieval index saved in the artifact, over ``track_embeddings`` (the artifact's own,
+    from ``read_arrays``: used in place, never copied).
+
+    A missing ``index/`` directory, missing or truncated index files, or an index built for
+    another dimension, track count, parameters or index format is a one-line DataError.
+    """
+    directory = Path(path) / INDEX_DIR
+    if not directory.is_dir():
+        raise DataError(f"{INDEX_DIR}/ is missing; re-export the model", path=path)
+    info = manifest.index_info
+    emb = np.asarray(track_embeddings)
+    if emb.shape != (manifest.num_tracks, manifest.embedding_dim):
+        raise DataError(
+            f"track_embeddings {emb.shape} do not match the manifest "
+            f"({manifest.num_tracks}, {manifest.embedding_dim})",
+            path=path,
+        )
+    return load_index(directory, info.backend, info.params, emb)
 
 
 def read_track_metadata(

@@ -2,15 +2,23 @@
 
 The model is resolved and loaded exactly once, in the lifespan (never at import, never per
 request), and kept in ``app.state``; TensorFlow is only touched there, and only when the artifact
-has a history tower. Known users' top lists are precomputed during that load (see
-``Recommender.load``), and the heap is then frozen out of the garbage collector: the imports and
-the model leave 100k+ long-lived objects (more with MLflow or TensorFlow), and a full collection
-walking them (~0.1 s on a busy 2-core box) stalls every in-flight request.
+has a history tower. Loading memory-maps the arrays and reads the retrieval index saved at export
+(ScaNN is imported then, before any request thread exists: see ``features.index.scann_import``);
+nothing is ranked ahead of requests, so start-up does no work that grows as users x tracks. The
+heap is then frozen out of the garbage collector: the imports and the model leave 100k+
+long-lived objects (more with MLflow or TensorFlow), and a full collection walking them (~0.1 s
+on a busy 2-core box) stalls every in-flight request.
+
+A model that cannot be loaded (missing or mismatched files, a bad index: any DataError) fails the
+start-up with its one line as uvicorn's startup-failure message instead of a traceback, and
+uvicorn exits non-zero before accepting a request; ``tracktower serve`` checks the artifact in the
+parent first (``check_artifact``), so there it is ``error: <line>`` and exit 2.
 
 ``create_app`` with no arguments reads ``TRACKTOWER_*`` settings, which is what
 ``uvicorn --factory tracktower.serving.app:factory`` (and ``tracktower serve``) runs in each worker.
 
-Middleware, outermost first, all pure ASGI: metrics (so every answer is counted), header limits
+Middleware, outermost first, all pure ASGI: the one-line startup error (above), metrics (so
+every answer is counted), header limits
 (431), API keys (401, only when ``api_keys`` is set: an open server pays nothing for auth), the
 body-size limit (413). The limits that apply while a request is still arriving are the HTTP
 protocol's (``serving/protocol.py``, chosen by ``tracktower serve``).
@@ -28,6 +36,7 @@ from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
+from tracktower.features.errors import DataError, one_line
 from tracktower.serving.artifact import Recommender
 from tracktower.serving.auth import ApiKeyAuth, declare_security, key_digests, open_paths
 from tracktower.serving.deps import LoadedModel, Serving
@@ -67,9 +76,7 @@ def load_model(settings: Settings) -> tuple[Recommender, LoadedModel]:
 
     resolved = resolve_artifact(settings.model_uri, tracking_uri=settings.tracking_uri)
     recommender = Recommender.load(
-        resolved.path,
-        precompute_k=settings.max_k,
-        precompute_max_entries=settings.precompute_max_entries,
+        resolved.path, cache_users=settings.known_cache_users, cache_width=settings.max_k
     )
     loaded = LoadedModel(
         name=resolved.name,
@@ -80,11 +87,8 @@ def load_model(settings: Settings) -> tuple[Recommender, LoadedModel]:
 
 
 def create_app(settings: Settings | None = None, recommender: Recommender | None = None) -> FastAPI:
-    """Build the app; an injected ``recommender`` skips resolution (tests, embedding).
-
-    An injected recommender gets the same precomputed known-user lists (``settings.max_k`` wide,
-    within ``settings.precompute_max_entries``) as a resolved one, at startup.
-    """
+    """Build the app; an injected ``recommender`` skips resolution (tests, embedding); its
+    known-user cache is configured from ``settings`` like a loaded one's."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
 
@@ -92,9 +96,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if recommender is not None:
             loaded_rec = recommender
-            await run_in_threadpool(
-                recommender.precompute, settings.max_k, settings.precompute_max_entries
-            )
+            recommender.configure_cache(settings.known_cache_users, settings.max_k)
             loaded = LoadedModel(
                 name=recommender.manifest.model_name,
                 version=recommender.manifest.model_version,
@@ -103,6 +105,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         else:
             try:
                 loaded_rec, loaded = await run_in_threadpool(load_model, settings)
+            except DataError as exc:
+                app.state.startup_error = f"error: cannot load model: {one_line(exc)}"
+                raise
             except Exception as exc:
                 log.error("cannot load model %s: %s", settings.model_uri, exc)
                 raise
@@ -111,12 +116,14 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         app.state.serving = Serving(loaded_rec, loaded, settings, metrics)
         metrics.set_model(loaded.name, loaded.version)
         log.info(
-            "serving %s version %s (%d users, %d tracks, precomputed top-%d, history tower: %s)",
+            "serving %s version %s (%d users, %d tracks, %s index, recall@100 %s, "
+            "history tower: %s)",
             loaded.name,
             loaded.version,
             loaded_rec.n_users,
             loaded_rec.n_tracks,
-            loaded_rec.precomputed_k,
+            loaded_rec.index_info.backend,
+            loaded_rec.index_info.recall_at_100,
             loaded_rec.has_history_tower,
         )
         gc.collect()
@@ -143,6 +150,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.state.recommender = None
     app.state.model = None
     app.state.serving = None
+    app.state.startup_error = None
     # Per app, not per model: a model swap must not reset the count of batches in progress.
     app.state.batch_gate = BatchGate(settings.max_concurrent_batches)
     _add_middleware(app, settings, metrics)
@@ -168,7 +176,31 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.add_middleware(
         HeaderLimits, max_headers=settings.max_headers, max_bytes=settings.max_header_bytes
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: also times 4xx above
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # also times the 4xx above
+    app.add_middleware(OneLineStartupError, app_state=app.state)
+
+
+class OneLineStartupError:
+    """Pure ASGI, outermost: when the lifespan recorded a one-line reason (a DataError while
+    loading the model), uvicorn's startup-failure message is that line, not Starlette's
+    formatted traceback; every other message passes unchanged."""
+
+    def __init__(self, app: Any, app_state: Any) -> None:
+        self.app = app
+        self.state = app_state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: Any) -> None:
+            reason = self.state.startup_error
+            if message["type"] == "lifespan.startup.failed" and reason:
+                message = {**message, "message": reason}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
 
 
 def factory() -> FastAPI:

@@ -8,7 +8,7 @@ and the docs as the settings say) must carry one as ``Authorization: Bearer KEY`
 a key learns nothing about the routes.
 
 A middleware rather than a FastAPI dependency: a dependency is solved per request (a measurable
-share of a precomputed recommendation, see deps.py) and would have to be repeated on every
+share of a cached recommendation, see deps.py) and would have to be repeated on every
 router; the middleware is one header scan. The OpenAPI document still declares both schemes
 (:func:`declare_security`), so clients and Swagger UI's "Authorize" know what to send.
 

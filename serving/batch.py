@@ -1,7 +1,9 @@
 """Offline top-k for a list of users, written to Parquet.
 
-Uses :meth:`Recommender.top_k_batch` (one matmul per chunk, the shared ``ranking.top_k``), so batch
-output is identical to what the HTTP server would return for the same users.
+Uses :meth:`Recommender.top_k_batch`: the artifact's retrieval index, one batched search per chunk,
+seen tracks excluded, the same code the HTTP server's batch route runs. With an exact index the
+lists are identical to the server's single-user answers; with an approximate one they can differ
+in which candidates were retrieved (see ``serving.artifact``).
 """
 
 from __future__ import annotations

@@ -77,6 +77,7 @@ def serve(
     """
     import uvicorn
 
+    from tracktower.serving.artifact import check_artifact
     from tracktower.serving.resolve import resolve_artifact
 
     overrides = {"host": host, "port": port, "workers": workers, "tracking_uri": tracking_uri}
@@ -89,6 +90,9 @@ def serve(
     check_exposure(base)
     uri = model if model is not None else base.model_uri
     resolved = resolve_artifact(uri, tracking_uri=base.tracking_uri)
+    # Checked here, in the parent, so a bad artifact or index is one error line and exit 2
+    # instead of every worker failing its start-up.
+    check_artifact(resolved.path)
     pinned = f"models:/{resolved.name}/{resolved.version}" if uri.startswith("models:/") else uri
     os.environ["TRACKTOWER_MODEL_URI"] = pinned
     settings = _settings()

@@ -4,7 +4,7 @@ Keeping state on the app (set once by the lifespan) is what lets tests build sev
 apps, each with its own injected recommender, in one process. The routes that serve a model take
 ONE dependency, a :class:`Serving` bundle built once by the lifespan: FastAPI resolves every
 ``Depends`` per request (a recursive solve plus parameter analysis), which cost more than a
-precomputed recommendation when each route took four. Dependencies are ``async`` because FastAPI
+known user's recommendation when each route took four. Dependencies are ``async`` because FastAPI
 runs sync ones in the threadpool.
 """
 

@@ -71,6 +71,19 @@ class DatasetSummary(DatasetInfo):
     model_config = ConfigDict(extra="ignore")
 
 
+class IndexSummary(BaseModel):
+    """The retrieval index the model ranks with, as built and measured at export: recall@k is
+    the share of exact search's top-k it returns, on ``sample_users`` known users' query vectors
+    (1.0 for exact search; null when export had no users to measure on)."""
+
+    backend: str
+    params: dict[str, Any]
+    recall_at_10: float | None
+    recall_at_100: float | None
+    build_seconds: float
+    sample_users: int
+
+
 class ModelSummary(BaseModel):
     name: str | None
     version: str | None
@@ -84,6 +97,7 @@ class ModelSummary(BaseModel):
     dataset: DatasetSummary
     counts: dict[str, int]
     libraries: dict[str, Any]
+    index: IndexSummary
 
 
 class ErrorBody(BaseModel):

@@ -42,11 +42,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     # BLAS threads per worker process; 0 leaves the library default (see limit_blas_threads).
     blas_threads: int = Field(default=1, ge=0)
-    # Known users' top max_k lists are computed once at start-up when users x max_k stays under
-    # this many entries (8 bytes each: int32 index + float32 score, so 400 MB at the default);
-    # above it every request is scored on the fly. 0 disables the precomputation.
-    precompute_max_entries: int = Field(default=50_000_000, ge=0)
-    # One log line per request costs more CPU than a precomputed recommendation; errors and
+    # Known users' top-max_k lists kept per worker after their first request, least recently
+    # used dropped first (8 bytes per entry: 40 MB at 50,000 users and max_k 100); a hit is a
+    # slice answered on the event loop, a miss one index search in a thread. 0 disables it.
+    # Filled lazily: start-up ranks nobody.
+    known_cache_users: int = Field(default=50_000, ge=0)
+    # One log line per request costs more CPU than a known user's recommendation; errors and
     # startup are still logged, and per-route counts and latencies are in /metrics.
     access_log: bool = False
     # --- authentication (see serving/auth.py) ---

@@ -1,7 +1,9 @@
 """Fake export artifacts for serving tests: written through the artifact contract, seeded, small.
 
 The optional SavedModel is a real TensorFlow module whose ``query_from_history`` mean-pools the
-track embedding table, so a "session" recommendation can be checked against plain numpy.
+track embedding table, so a "session" recommendation can be checked against plain numpy. Every
+artifact carries a retrieval index built by ``features.index.build_index`` (exact unless the
+caller forces another backend, e.g. ScaNN on a catalogue far below the ``auto`` crossover).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tracktower.features.artifact import (
     write_artifact,
 )
 from tracktower.features.dataset import popularity_order
+from tracktower.features.index import IndexInfo, RetrievalIndex, build_index
 
 SEED = 20240611
 _CACHE: dict[tuple[Any, ...], Path] = {}
@@ -77,7 +80,10 @@ def fake_manifest(
     nnz: int,
     model_version: str | None = None,
     seed: int = SEED,
+    index: IndexInfo | None = None,
 ) -> Manifest:
+    """``index`` defaults to an unmeasured exact index (what ``build_index`` gives without
+    queries)."""
     return Manifest(
         format_version=FORMAT_VERSION,
         model_name="tracktower",
@@ -92,6 +98,23 @@ def fake_manifest(
         num_users=n_users,
         num_tracks=n_tracks,
         libraries={"numpy": np.__version__},
+        index=(index or IndexInfo("exact")).to_dict(),
+    )
+
+
+def fake_index(
+    arrays: dict[str, np.ndarray], backend: str = "exact", **params: Any
+) -> tuple[RetrievalIndex, IndexInfo]:
+    """The index over the fake track embeddings, recall measured on the fake users (no floor:
+    a forced ScaNN index on a tiny catalogue is for checking the approximate path, not recall).
+    ``params`` override ScaNN's defaults."""
+    return build_index(
+        arrays["track_embeddings"],
+        backend,  # type: ignore[arg-type]
+        queries=arrays["user_embeddings"] if len(arrays["user_embeddings"]) else None,
+        recall_floor=0.0,
+        params=params or None,
+        threads=1,
     )
 
 
@@ -105,9 +128,13 @@ def write_fake_artifact(
     model_version: str | None = None,
     seed: int = SEED,
     integer: bool = False,
+    index_backend: str = "exact",
+    index_params: dict[str, Any] | None = None,
 ) -> Path:
-    """An artifact at ``dir`` (must not exist), written through ``features.artifact``."""
+    """An artifact at ``dir`` (must not exist), written through ``features.artifact``, with an
+    ``index_backend`` index (``index_params`` override ScaNN's defaults)."""
     arrays = fake_arrays(n_users, n_tracks, dim, seed, integer=integer)
+    index, info = fake_index(arrays, index_backend, **(index_params or {}))
     # Every 10th track has no metadata row, as for tracks missing from the catalog.
     with_meta = [i for i in range(n_tracks) if i % 10 != 9]
     tracks = pd.DataFrame(
@@ -125,6 +152,7 @@ def write_fake_artifact(
         nnz=len(arrays["seen_indices"]),
         model_version=model_version,
         seed=seed,
+        index=info,
     )
 
     def save_towers(path: Path) -> None:
@@ -136,6 +164,7 @@ def write_fake_artifact(
         arrays=arrays,
         tracks=tracks,
         saved_model=save_towers if with_history_tower else None,
+        index=index,
     )
 
 
@@ -176,12 +205,15 @@ def cached_artifact(
     n_tracks: int = 200,
     dim: int = 8,
     with_history_tower: bool = False,
+    index_backend: str = "exact",
 ) -> Path:
     """One artifact per parameter set per test session (the SavedModel takes seconds to build)."""
-    key = (id(factory), n_users, n_tracks, dim, with_history_tower)
+    key = (id(factory), n_users, n_tracks, dim, with_history_tower, index_backend)
     if key not in _CACHE:
         out = factory.mktemp("artifact") / "artifact"
-        _CACHE[key] = write_fake_artifact(out, n_users, n_tracks, dim, with_history_tower)
+        _CACHE[key] = write_fake_artifact(
+            out, n_users, n_tracks, dim, with_history_tower, index_backend=index_backend
+        )
     return _CACHE[key]
 
 

@@ -118,13 +118,7 @@ def train(
         result.write(summary)
     for name, value in result.metrics.items():
         typer.echo(f"  test {name:16s} {value:.4f}")
-    if not result.registered:
-        typer.echo(f"run {result.run_id}: {result.champion_reason}", err=True)
-        raise typer.Exit(EXIT_NOT_REGISTERED)
-    typer.echo(
-        f"run {result.run_id}: {result.model_uri} "
-        f"(champion {'moved' if result.champion else 'unchanged'}: {result.champion_reason})"
-    )
+    _outcome(result.run_id, result.model_uri, result.champion, result.champion_reason)
 
 
 MODEL_HELP = (
@@ -197,10 +191,13 @@ def register(
 
     tracking.configure(tracking_uri)
     result = stages.register(run_id, model_name=model_name, promote=promote)
-    if not result.registered:
-        typer.echo(f"run {run_id}: {result.reason}", err=True)
+    _outcome(run_id, result.model_uri, result.champion, result.reason)
+
+
+def _outcome(run_id: str, model_uri: str | None, champion: bool, reason: str) -> None:
+    """One line for what happened to the run's model; exit 3 when it was not registered."""
+    if model_uri is None:
+        typer.echo(f"run {run_id}: {reason}", err=True)
         raise typer.Exit(EXIT_NOT_REGISTERED)
-    typer.echo(
-        f"registered {result.model_uri} "
-        f"(champion {'moved' if result.champion else 'unchanged'}: {result.reason})"
-    )
+    moved = "moved" if champion else "unchanged"
+    typer.echo(f"run {run_id}: {model_uri} (champion {moved}: {reason})")

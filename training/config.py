@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tracktower.features.columns import ColumnMap
 from tracktower.features.errors import DataError, one_line
+from tracktower.features.index import DEFAULT_RECALL_FLOOR, MIN_SAMPLE
 from tracktower.training.metrics import DEFAULT_KS
 
 
@@ -148,6 +149,21 @@ class PromotionConfig(_Strict):
     tie_tolerance: float = Field(0.001, ge=0.0)
 
 
+class IndexConfig(_Strict):
+    """The retrieval index built at export (``tracktower.features.index``).
+
+    ``auto`` is exact search below ``AUTO_MIN_TRACKS`` (10,000) tracks and ScaNN from there (the
+    measured crossover). Recall@10/@100 against exact search is measured on a seeded sample of
+    ``sample_users`` known users' query vectors (all of them when there are fewer; never a
+    sample under 1,000); an index whose recall@100 stays below ``recall_floor`` after retuning
+    fails the export.
+    """
+
+    backend: Literal["auto", "exact", "scann"] = "auto"
+    recall_floor: float = Field(DEFAULT_RECALL_FLOOR, gt=0.0, le=1.0)
+    sample_users: int = Field(MIN_SAMPLE, ge=MIN_SAMPLE)
+
+
 class ExperimentConfig(_Strict):
     experiment: str = "tracktower"
     model_name: str = "tracktower"
@@ -158,6 +174,7 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     promotion: PromotionConfig = PromotionConfig()
+    index: IndexConfig = IndexConfig()
 
 
 def _parse_value(raw: str) -> Any:

@@ -5,13 +5,20 @@ computed at export, so the server answers known users with one matrix-vector pro
 TensorFlow for them. The SavedModel holds only what cannot be precomputed, the history tower for
 users the model has never seen (raw track ids in, query embedding out); its ``StringLookup`` carries
 the track vocabulary, so raw ids mean the same indices as in training. Ranking is not in the
-SavedModel: every caller ranks with ``features.ranking``, seen tracks excluded.
+SavedModel: every caller searches the retrieval index built here (``features.index``), seen tracks
+excluded.
+
+The index is built from the track embeddings and measured before anything is written: its
+recall@10/@100 against exact search on the real query vectors of a seeded sample of known users
+goes into the manifest, and an index below the configured recall floor fails the export (so it
+is never registered). Nothing rebuilds it later: the server, batch scoring and offline
+evaluation load it from the artifact.
 """
 
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -23,8 +30,10 @@ import scipy.sparse as sp
 
 from tracktower.features import artifact
 from tracktower.features.dataset import popularity, popularity_order
+from tracktower.features.index import IndexInfo, RetrievalIndex, build_index
 from tracktower.features.tf import tf
 from tracktower.training import evaluate
+from tracktower.training.config import IndexConfig
 from tracktower.training.model import TwoTowerModel
 
 _LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-recommenders", "mlflow", "numpy", "tracktower")
@@ -55,7 +64,9 @@ class ExportInputs:
     """``known``: every interaction the model was given (users x tracks, the training
     vocabularies); it is the histories behind the user embeddings and the seen tracks serving
     excludes. ``manifest``: the caller's manifest fields (model_name, run_id, config, dataset,
-    metrics, final); what export computes itself cannot be overridden."""
+    metrics, final); what export computes itself cannot be overridden. ``index``: how the
+    retrieval index is chosen and measured; ``seed`` draws its recall sample and seeds its
+    build."""
 
     model: TwoTowerModel
     user_ids: np.ndarray
@@ -63,6 +74,16 @@ class ExportInputs:
     known: sp.csr_matrix
     tracks: pd.DataFrame | None
     manifest: dict[str, Any]
+    index: IndexConfig = field(default_factory=IndexConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Exported:
+    """The written artifact and what its index is (for MLflow: see ``stages.log_index``)."""
+
+    path: Path
+    index: IndexInfo
 
 
 def _library_versions() -> dict[str, str]:
@@ -101,10 +122,30 @@ def _arrays(inputs: ExportInputs) -> dict[str, np.ndarray]:
     }
 
 
-def export_artifact(inputs: ExportInputs, out_dir: Path) -> Path:
-    """Write the artifact at ``out_dir`` (must not exist; written atomically) and return it."""
+def build_retrieval_index(
+    arrays: dict[str, np.ndarray], cfg: IndexConfig, seed: int
+) -> tuple[RetrievalIndex, IndexInfo]:
+    """The index over the track embeddings, its recall measured on a seeded sample of the known
+    users' query vectors (all when fewer than ``cfg.sample_users``); below ``cfg.recall_floor``
+    after retuning this raises a one-line DataError."""
+    users = arrays["user_embeddings"]
+    return build_index(
+        arrays["track_embeddings"],
+        cfg.backend,
+        seed=seed,
+        recall_floor=cfg.recall_floor,
+        queries=users if len(users) else None,
+        sample_size=cfg.sample_users,
+    )
+
+
+def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
+    """Write the artifact at ``out_dir`` (must not exist; written atomically) and return it with
+    its index's description. The index is built and measured first: a failing one writes
+    nothing."""
     model = inputs.model
     arrays = _arrays(inputs)
+    index, info = build_retrieval_index(arrays, inputs.index, inputs.seed)
     manifest = artifact.Manifest.model_validate(
         {
             **inputs.manifest,
@@ -115,6 +156,7 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Path:
             "num_users": len(inputs.user_ids),
             "num_tracks": len(inputs.track_ids),
             "libraries": _library_versions(),
+            "index": info.to_dict(),
         }
     )
     module = HistoryModule(model, inputs.track_ids)
@@ -127,10 +169,12 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Path:
             signatures={"serving_default": signature, artifact.HISTORY_SIGNATURE: signature},
         )
 
-    return artifact.write_artifact(
+    path = artifact.write_artifact(
         out_dir,
         manifest=manifest,
         arrays=arrays,
         tracks=_track_metadata(inputs.track_ids, inputs.tracks),
         saved_model=save,
+        index=index,
     )
+    return Exported(path, info)

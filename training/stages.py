@@ -31,11 +31,13 @@ import scipy.sparse as sp
 from tracktower.features import artifact as contract
 from tracktower.features.dataset import Encoded, reindex
 from tracktower.features.errors import DataError
+from tracktower.features.index import ExactIndex, IndexInfo, RetrievalIndex, search_excluding
 from tracktower.training import champion, tracking
 from tracktower.training.config import ExperimentConfig, PromotionConfig, flatten
 from tracktower.training.data import Prepared, prepare
 
 if TYPE_CHECKING:
+    from tracktower.training.export import Exported
     from tracktower.training.train import FitResult
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ __all__ = [
     "export",
     "fit",
     "heldout",
+    "log_index",
     "popularity_baseline",
     "prepare",
     "register",
@@ -199,8 +202,9 @@ def fit(cfg: ExperimentConfig, data: Prepared) -> tuple[FitResult, float]:
 
 def export(
     cfg: ExperimentConfig, data: Prepared, result: FitResult, out_dir: Path, run_id: str
-) -> Path:
-    """Write the artifact (see :mod:`tracktower.features.artifact`) for the fitted model."""
+) -> Exported:
+    """Write the artifact (see :mod:`tracktower.features.artifact`) for the fitted model, with
+    the retrieval index ``cfg.index`` asks for, measured (a DataError when below its floor)."""
     from tracktower.training.export import ExportInputs, export_artifact
 
     inputs = ExportInputs(
@@ -216,23 +220,47 @@ def export(
             "dataset": {"fingerprint": data.fingerprint, "source": data.source, **data.stats},
             "final": data.final,
         },
+        index=cfg.index,
+        seed=cfg.train.seed,
     )
     return export_artifact(inputs, out_dir)
+
+
+def log_index(info: IndexInfo) -> None:
+    """The index the artifact ships with, in the active run: ``index.built.*`` params (the
+    config's ``index.*`` params say what was asked for, e.g. ``auto``; MLflow params cannot
+    change, so what was built has its own names) and ``index_*`` metrics."""
+    tracking.log_params_flat(
+        {"backend": info.backend, "params": info.params, "sample_users": info.sample_users},
+        prefix="index.built",
+    )
+    metrics = {"build_seconds": info.build_seconds}
+    for name in ("recall_at_10", "recall_at_100"):
+        value = getattr(info, name)
+        if value is not None:
+            metrics[name] = value
+    tracking.log_metrics(metrics, prefix="index_")
+
+
+# Users searched at once by offline evaluation: bounds the over-fetched [block, k + extra] arrays.
+EVAL_BLOCK = 4096
 
 
 def evaluate_artifact(
     path: Path, encoded: Encoded, held: Heldout, ks: list[int]
 ) -> dict[str, float]:
-    """Ranking metrics of an exported model on a split, through the artifact's own vocabulary.
+    """Ranking metrics of an exported model on a split, through the artifact's own vocabulary
+    and its own retrieval index (what the server would return, exclusions included).
 
     ``encoded``/``held`` may come from another encoding of the data (``tracktower evaluate`` on
     a re-prepared dataset): users the model does not know are skipped, held-out tracks it does not
     know count as unreachable, exactly as for a model trained on that data.
     """
-    from tracktower.training.evaluate import evaluate_embeddings
+    from tracktower.training.metrics import ranking_metrics
 
     manifest = contract.read_manifest(path)
     arrays = contract.read_arrays(path, manifest)
+    index = contract.read_index(path, manifest, arrays["track_embeddings"])
     users = reindex_ids(arrays["user_ids"], encoded.user_ids)
     tracks = reindex_ids(arrays["track_ids"], encoded.track_ids)
     shape = (len(arrays["user_ids"]), len(arrays["track_ids"]))
@@ -241,15 +269,29 @@ def evaluate_artifact(
     rows = np.flatnonzero(np.diff(truth.indptr) + unknown > 0)
     if len(rows) == 0:
         return {}
-    return evaluate_embeddings(
-        np.asarray(arrays["user_embeddings"])[rows],
-        np.asarray(arrays["track_embeddings"]),
-        rows,
-        truth,
-        unknown,
-        ks,
-        exclude=exclude,
-    )
+    top = search_index(index, arrays, max(ks), exclude, rows)
+    return ranking_metrics(top, truth[rows], unknown[rows], ks, n_items=shape[1])
+
+
+def search_index(
+    index: RetrievalIndex,
+    arrays: dict[str, np.ndarray],
+    k: int,
+    exclude: sp.csr_matrix,
+    rows: np.ndarray,
+) -> np.ndarray:
+    """Top-``k`` track indices of the known users ``rows`` through ``index``, their ``exclude``
+    rows removed (over-fetch, exact fallback: ``features.index.search_excluding``)."""
+    exact = ExactIndex(arrays["track_embeddings"])
+    exclude = sp.csr_matrix(exclude)
+    top = np.empty((len(rows), k), dtype=np.int64)
+    for start in range(0, len(rows), EVAL_BLOCK):
+        block = rows[start : start + EVAL_BLOCK]
+        queries = arrays["user_embeddings"][block]
+        top[start : start + len(block)], _ = search_excluding(
+            index, exact, queries, k, exclude, rows=block
+        )
+    return top
 
 
 def reindex_ids(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -327,7 +369,9 @@ def train(
         tracking.log_dataset(data)
         result, seconds = fit(cfg, data)
         with scratch_dir() as tmp:
-            path = export(cfg, data, result, Path(tmp) / "artifact", run_id)
+            exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
+            path = exported.path
+            log_index(exported.index)
             metrics: dict[str, float] = {}
             if held is not None:
                 metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)

@@ -24,6 +24,7 @@ from tracktower.features.errors import DataError
 
 __all__ = [
     "BACKENDS",
+    "META_FILE",
     "Backend",
     "IndexInfo",
     "RetrievalIndex",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 Backend = Literal["exact", "scann"]
+# Written last by every backend's ``save``: its presence means the index directory is complete.
+META_FILE = "tracktower_index.json"
 BACKENDS: tuple[str, ...] = ("exact", "scann")
 
 
@@ -143,7 +146,7 @@ def load_index(
     if backend == "exact":
         from tracktower.features.index.exact import ExactIndex
 
-        return ExactIndex(candidates)
+        return ExactIndex.load(Path(directory) if directory is not None else None, candidates)
     if backend == "scann":
         from tracktower.features.index.scann_index import ScannIndex
 

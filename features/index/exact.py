@@ -7,6 +7,7 @@ stored, recall 1 by construction).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from tracktower.features import ranking
-from tracktower.features.index.base import check_candidates, check_queries
+from tracktower.features.errors import DataError
+from tracktower.features.index.base import META_FILE, check_candidates, check_queries
 
 __all__ = ["ExactIndex"]
 
@@ -70,4 +72,27 @@ class ExactIndex:
         return indices, scores
 
     def save(self, directory: Path) -> None:
-        """Nothing to write: the index is the candidate matrix, which the artifact already holds."""
+        """Only a small description: the index is the candidate matrix, which the artifact already
+        holds. Writing it at all matters: artifact stores (MLflow's included) do not keep empty
+        directories, so an exact artifact downloaded from a registry would lose ``index/``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"backend": self.backend, "num_tracks": self.size, "dim": self.dim}
+        (directory / META_FILE).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path | None, candidates: np.ndarray) -> ExactIndex:
+        """Over ``candidates``; the description in ``directory``, when there is one, must match."""
+        index = cls(candidates)
+        file = Path(directory) / META_FILE if directory is not None else None
+        if file is not None and file.is_file():
+            try:
+                meta = json.loads(file.read_text(encoding="utf-8"))
+                saved = (meta["backend"], int(meta["num_tracks"]), int(meta["dim"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"unreadable index description ({exc})", path=file) from None
+            if saved != (cls.backend, index.size, index.dim):
+                raise DataError(
+                    f"index built for {saved}, artifact has exact over ({index.size}, {index.dim})",
+                    path=file,
+                )
+        return index

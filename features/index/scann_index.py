@@ -32,14 +32,13 @@ import numpy as np
 
 from tracktower.features import ranking
 from tracktower.features.errors import DataError, one_line
-from tracktower.features.index.base import check_candidates, check_queries
+from tracktower.features.index.base import META_FILE, check_candidates, check_queries
 from tracktower.features.index.scann_import import scann_ops_pybind
 
 __all__ = ["META_FILE", "ScannIndex", "default_params"]
 
 log = logging.getLogger(__name__)
 
-META_FILE = "tracktower_index.json"  # written last by save: its presence means complete
 FORMAT_VERSION = 1
 MAX_LEAVES = 2048
 MIN_LEAF_SIZE = 50  # ScaNN's min_cluster_size default; fewer leaves on tiny catalogues

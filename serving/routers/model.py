@@ -1,4 +1,5 @@
-"""What is being served: the manifest summary of the loaded artifact.
+"""What is being served: the manifest summary of the loaded artifact, with its retrieval index
+(backend, parameters, build time and the recall measured at export).
 
 ``uri`` is the registry URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``) the server loaded,
 which a client can pass to ``tracktower`` itself; a model served from a local directory has
@@ -11,7 +12,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from tracktower.serving.deps import ServingDep
-from tracktower.serving.schemas import DatasetSummary, ErrorResponse, ModelSummary
+from tracktower.serving.schemas import (
+    DatasetSummary,
+    ErrorResponse,
+    IndexSummary,
+    ModelSummary,
+)
 
 router = APIRouter(prefix="/v1", tags=["model"])
 
@@ -37,6 +43,7 @@ async def model_summary(serving: ServingDep) -> ModelSummary:
             "seen_interactions": recommender.seen.nnz,
         },
         libraries=manifest.libraries,
+        index=IndexSummary.model_validate(recommender.index_info.to_dict()),
     )
 
 

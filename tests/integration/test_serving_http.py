@@ -83,7 +83,7 @@ def test_endpoints_over_http(server: tuple[str, Path]) -> None:
 
 
 def test_tracktower_serve(tmp_path: Path) -> None:
-    """The console command: precomputed lists, C parser and loop, no per-request access log."""
+    """The console command: the artifact's index, C parser and loop, no per-request access log."""
     artifact = builders.write_fake_artifact(tmp_path / "artifact", 30, 200, 8, False)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKTOWER_")}
@@ -104,5 +104,24 @@ def test_tracktower_serve(tmp_path: Path) -> None:
         ] + [again["items"][-1]["track_id"]]
     log = log_path.read_text()
     assert "(httptools, uvloop)" in log
-    assert "precomputed top-100 for 30 users" in log
+    assert "(30 users, 200 tracks, exact index, recall@100 1.0" in log
     assert "GET /v1/users" not in log  # access log off by default
+
+
+def test_bad_index_stops_the_server_with_one_line(tmp_path: Path) -> None:
+    """A worker whose artifact has no index never becomes ready: uvicorn exits non-zero with the
+    one-line reason, no traceback."""
+    import shutil
+    import subprocess
+
+    artifact = builders.write_fake_artifact(tmp_path / "artifact", 10, 50, 4, False)
+    shutil.rmtree(artifact / "index")
+    env = {**os.environ, "TRACKTOWER_MODEL_URI": str(artifact)}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "tracktower.serving.app:factory"]
+    port = str(_free_port())
+    done = subprocess.run(
+        [*cmd, "--port", port], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode != 0
+    assert f"error: cannot load model: {artifact}: index/ is missing" in done.stderr
+    assert "Traceback" not in done.stderr and "Application startup failed" in done.stderr

@@ -21,15 +21,17 @@ from tracktower.features.artifact import (
     HISTORY_SIGNATURE,
     SAVED_MODEL_DIR,
     read_arrays,
+    read_index,
     read_manifest,
 )
 from tracktower.features.errors import DataError
+from tracktower.features.index.recall import overlap
 from tracktower.features.ranking import score_chunks
 from tracktower.features.tf import tf
 from tracktower.serving.artifact import Recommender
 from tracktower.training import evaluate, stages
 from tracktower.training import train as train_module
-from tracktower.training.config import ModelConfig, load_config
+from tracktower.training.config import IndexConfig, ModelConfig, load_config
 from tracktower.training.data import prepare
 from tracktower.training.export import ExportInputs, export_artifact
 from tracktower.training.model import TwoTowerModel
@@ -113,6 +115,21 @@ def test_mlflow_has_both_systems_with_the_same_metric_names(first_run, store):
     assert str(version.version) == "1"
 
 
+def test_index_is_built_at_export_and_logged(first_run, store):
+    """The synthetic catalogue is below the auto crossover: exact, measured on every user."""
+    run = MlflowClient(store).get_run(first_run.run_id)
+    params, metrics = run.data.params, run.data.metrics
+    assert params["index.backend"] == "auto" and params["index.recall_floor"] == "0.95"
+    assert params["index.built.backend"] == "exact"
+    users = min(first_run.dataset["users"], 1000)
+    assert params["index.built.sample_users"] == str(users)
+    assert metrics["index_recall_at_10"] == metrics["index_recall_at_100"] == 1.0
+    assert metrics["index_build_seconds"] >= 0
+    artifact = Path(mlflow.artifacts.download_artifacts(f"{first_run.model_uri}"))
+    manifest = read_manifest(next(artifact.rglob("manifest.json")).parent)
+    assert manifest.index_info.backend == "exact" and manifest.index_info.sample_users == users
+
+
 def test_worse_run_and_final_run_leave_the_champion_alone(first_run, synth_data, store):
     worse = stages.train(_cfg(synth_data, "train.epochs=1", "train.learning_rate=0.00001"))
     assert not worse.champion
@@ -137,7 +154,7 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     data = prepare(cfg.data, cfg.split)
     result = fit(cfg, data.encoded, data.track_artist)
     enc = data.encoded
-    artifact = export_artifact(
+    exported = export_artifact(
         ExportInputs(
             model=result.model,
             user_ids=enc.user_ids,
@@ -148,9 +165,14 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
                 "model_name": "tracktower",
                 "dataset": {"fingerprint": data.fingerprint, **data.stats},
             },
+            # Forced onto a catalogue far below the auto crossover, so the ScaNN path is
+            # exported, measured, reloaded and served here.
+            index=IndexConfig(backend="scann", recall_floor=0.5),
+            seed=3,
         ),
         tmp_path / "artifact",
     )
+    artifact = exported.path
     users = np.arange(0, len(enc.user_ids), 37)
     queries = evaluate.user_embeddings(result.model, result.known, users)
     candidates = evaluate.track_embeddings(result.model)
@@ -173,13 +195,30 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     # 3. No training/serving skew: the server's top-K == the offline evaluation's top-K, and both
     # treat the early-stopping slice as known history (never recommended back).
     assert result.known.nnz == enc.train.nnz + enc.val.nnz > enc.train.nnz
+    # Through the exported ScaNN index, recall as measured at export against exact search.
+    manifest = read_manifest(artifact)
+    info = exported.index
+    assert manifest.index == info.to_dict() and info.backend == "scann"
+    assert info.sample_users == min(len(enc.user_ids), 1000) and info.recall_at_100 >= 0.5
+    assert (artifact / "index" / "tracktower_index.json").is_file()
     served = Recommender.load(artifact).top_k_batch(list(enc.user_ids[users]), 20)
-    offline = np.concatenate(
-        [i for i, _ in score_chunks(queries, candidates, 20, result.known[users])]
+    offline = stages.search_index(
+        read_index(artifact, manifest, arrays["track_embeddings"]),
+        arrays,
+        20,
+        result.known,
+        users,
     )
     np.testing.assert_array_equal(served.indices, offline)
+    exact = np.concatenate(
+        [i for i, _ in score_chunks(queries, candidates, 20, result.known[users])]
+    )
+    assert overlap(served.indices, exact) >= 0.5
     for row, u in zip(served.indices, users, strict=True):
-        assert not set(row) & set(enc.val[u].indices)
+        assert not set(row) & set(enc.val[u].indices) and not set(row) & set(enc.train[u].indices)
+    # 4. Reloaded, the exported model answers the same.
+    again = Recommender.load(artifact).top_k_batch(list(enc.user_ids[users]), 20)
+    np.testing.assert_array_equal(again.indices, served.indices)
 
 
 def test_mirrored_strategy_on_two_logical_cpus(synth_data, tmp_path):
@@ -189,7 +228,7 @@ from tracktower.features.tf import tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
-from tracktower.training.config import ModelConfig, load_config
+from tracktower.training.config import IndexConfig, ModelConfig, load_config
 from tracktower.training.data import prepare
 from tracktower.training.train import fit
 cfg = load_config({str(SMOKE)!r}, ["data.interactions={synth_data / "interactions.parquet"}",

@@ -19,6 +19,7 @@ from tracktower.features.artifact import (
     Manifest,
     array_file,
     read_arrays,
+    read_index,
     read_manifest,
     read_track_metadata,
     update_manifest,
@@ -217,7 +218,7 @@ def test_write_validates_before_writing(
 
 def test_write_refuses_other_versions_and_existing_dirs(tmp_path: Path) -> None:
     manifest = _inputs()[0].model_copy(update={"format_version": 1})
-    with pytest.raises(DataError, match="this tracktower writes format_version 2"):
+    with pytest.raises(DataError, match="this tracktower writes format_version 3"):
         _write(tmp_path / "a", manifest=manifest)
     (tmp_path / "b").mkdir()
     with pytest.raises(DataError, match="already exists"):
@@ -305,3 +306,149 @@ def test_non_finite_embeddings_are_not_written(tmp_path: Path, name: str) -> Non
     with pytest.raises(DataError, match=rf"array '{name}': row {len(matrix) - 1} is not finite"):
         _write(tmp_path / "a", arrays={**arrays, name: matrix})
     assert not (tmp_path / "a").exists()
+
+
+# --- the retrieval index (format 3) --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scann_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ScaNN index forced onto a small catalogue (auto would pick exact here)."""
+    out = tmp_path_factory.mktemp("scann") / "artifact"
+    return write_fake_artifact(out, 40, 300, 8, False, index_backend="scann")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(src, dst))
+
+
+def test_manifest_records_the_index_and_read_index_loads_it(scann_artifact: Path) -> None:
+    manifest = read_manifest(scann_artifact)
+    info = manifest.index_info
+    assert info.backend == "scann" and info.sample_users == 40
+    assert 0.0 <= (info.recall_at_100 or -1) <= 1.0 and info.build_seconds > 0
+    arrays = read_arrays(scann_artifact, manifest)
+    index = read_index(scann_artifact, manifest, arrays["track_embeddings"])
+    assert (index.backend, index.size, index.dim, index.params) == ("scann", 300, 8, info.params)
+    # ScaNN stores no copy of the embeddings: the index files are much smaller than them.
+    files = [f for f in (scann_artifact / artifact.INDEX_DIR).iterdir()]
+    assert (scann_artifact / artifact.INDEX_DIR / "tracktower_index.json") in files
+    idx, _ = index.search(arrays["user_embeddings"][:3], 5)
+    assert idx.shape == (3, 5) and (idx >= 0).all()
+
+
+def test_exact_index_writes_an_empty_index_dir(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    assert list((path / artifact.INDEX_DIR).iterdir()) == []
+    manifest = read_manifest(path)
+    index = read_index(path, manifest, read_arrays(path, manifest)["track_embeddings"])
+    assert index.backend == "exact" and index.size == TRACKS
+
+
+def test_manifest_without_a_valid_index_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    raw = json.loads((path / MANIFEST_FILE).read_text())
+    for bad, match in ((None, "index"), ({"backend": "annoy"}, "backend must be one of")):
+        (path / MANIFEST_FILE).write_text(json.dumps({**raw, "index": bad}))
+        with pytest.raises(DataError, match=match) as info:
+            read_manifest(path)
+        _one_line(info)
+
+
+def test_writer_checks_the_index_against_the_manifest(tmp_path: Path) -> None:
+    from builders import fake_index
+
+    manifest, arrays, tracks = _inputs()
+    index, info = fake_index(arrays, "scann")
+    with pytest.raises(DataError, match="manifest index is scann but no index was given"):
+        write_artifact(
+            tmp_path / "a",
+            manifest=manifest.model_copy(update={"index": info.to_dict()}),
+            arrays=arrays,
+            tracks=tracks,
+        )
+    with pytest.raises(DataError, match="does not match the manifest"):
+        _write(tmp_path / "b", index=index)  # the manifest says exact
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_index_is_saved_inside_before_the_rename(tmp_path: Path) -> None:
+    from builders import fake_index
+
+    manifest, arrays, tracks = _inputs()
+    index, info = fake_index(arrays, "scann")
+    seen: list[Path] = []
+    save = index.save
+
+    def spy(directory: Path) -> None:
+        seen.append(directory)
+        assert not (tmp_path / "a").exists()
+        save(directory)
+
+    index.save = spy  # type: ignore[method-assign]
+    manifest = manifest.model_copy(update={"index": info.to_dict()})
+    path = write_artifact(
+        tmp_path / "a", manifest=manifest, arrays=arrays, tracks=tracks, index=index
+    )
+    assert seen[0].name == artifact.INDEX_DIR and seen[0].parent.name.startswith(".")
+    assert (path / artifact.INDEX_DIR / "tracktower_index.json").is_file()
+
+
+def _broken(path: Path, edit: str) -> None:
+    """Break the index of the artifact at ``path`` the way ``edit`` says."""
+    index_dir = path / artifact.INDEX_DIR
+    meta_file = index_dir / "tracktower_index.json"
+    if edit == "missing dir":
+        import shutil
+
+        shutil.rmtree(index_dir)
+    elif edit == "truncated":
+        hashed = index_dir / "hashed_dataset.npy"
+        hashed.write_bytes(hashed.read_bytes()[: hashed.stat().st_size // 2])
+    elif edit == "missing file":
+        (index_dir / "serialized_partitioner.pb").unlink()
+    else:
+        key, value = {
+            "dim": ("dim", 9),
+            "tracks": ("num_tracks", 299),
+            "version": ("format_version", 99),
+        }[edit]
+        meta = json.loads(meta_file.read_text())
+        meta_file.write_text(json.dumps({**meta, key: value}))
+
+
+BROKEN_INDEXES = [
+    ("missing dir", "index/ is missing; re-export"),
+    ("truncated", "unreadable ScaNN index: .*File too short"),
+    ("missing file", "unreadable ScaNN index"),
+    ("dim", "index built for dim 9, the artifact has 8"),
+    ("tracks", "index built for num_tracks 299, the artifact has 300"),
+    ("version", "index format_version 99, this tracktower reads 1"),
+]
+
+
+@pytest.mark.parametrize(("edit", "match"), BROKEN_INDEXES)
+def test_broken_index_is_one_line(
+    scann_artifact: Path, tmp_path: Path, edit: str, match: str
+) -> None:
+    path = _copy(scann_artifact, tmp_path / "a")
+    _broken(path, edit)
+    manifest = read_manifest(path)
+    with pytest.raises(DataError, match=match) as info:
+        read_index(path, manifest, read_arrays(path, manifest)["track_embeddings"])
+    _one_line(info)
+
+
+def test_index_params_in_the_manifest_must_match_the_build(
+    scann_artifact: Path, tmp_path: Path
+) -> None:
+    path = _copy(scann_artifact, tmp_path / "a")
+    manifest = read_manifest(path)
+    params = {**manifest.index["params"], "num_leaves": manifest.index["params"]["num_leaves"] + 1}
+    update_manifest(path, index={**manifest.index, "params": params})
+    manifest = read_manifest(path)
+    with pytest.raises(DataError, match="the manifest says") as info:
+        read_index(path, manifest, read_arrays(path, manifest)["track_embeddings"])
+    _one_line(info)

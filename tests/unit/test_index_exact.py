@@ -69,8 +69,8 @@ def test_uses_a_read_only_map_in_place(tmp_path: Path) -> None:
     mapped = np.load(tmp_path / "emb.npy", mmap_mode="r")
     index = ExactIndex(mapped)
     assert np.shares_memory(index.candidates, mapped)
-    index.save(tmp_path / "index")
-    assert not (tmp_path / "index").exists()  # the index is the artifact's own matrix
+    index.save(tmp_path / "index")  # a description only: the index is the artifact's matrix
+    assert [p.name for p in (tmp_path / "index").iterdir()] == ["tracktower_index.json"]
     loaded = load_index(None, "exact", {}, mapped)
     np.testing.assert_array_equal(
         loaded.search(candidates[:3], 4)[0], index.search(candidates[:3], 4)[0]
@@ -87,3 +87,16 @@ def test_bad_input_is_one_line() -> None:
         ExactIndex(np.ones(5))
     with pytest.raises(DataError, match="unknown index backend 'faiss'"):
         load_index(None, "faiss", {}, np.ones((5, 3)))
+
+
+def test_save_describes_the_index_and_load_checks_it(tmp_path: Path) -> None:
+    """Never an empty directory (artifact stores drop those), and a mismatch is one line."""
+    from tracktower.features.index.base import META_FILE, load_index
+
+    cand = np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32)
+    ExactIndex(cand).save(tmp_path / "index")
+    assert (tmp_path / "index" / META_FILE).is_file()
+    loaded = load_index(tmp_path / "index", "exact", {}, cand)
+    assert loaded.size == 30 and loaded.dim == 4
+    with pytest.raises(DataError, match=r"index built for \('exact', 30, 4\)"):
+        load_index(tmp_path / "index", "exact", {}, cand[:20])

@@ -105,6 +105,15 @@ def test_model_summary(client: TestClient, artifact: Path) -> None:
     # A local directory is not shown: no filesystem path anywhere in the answer.
     assert body["uri"] is None
     assert str(artifact.parent) not in response.text and "/tmp" not in response.text
+    # The index the model ranks with, as measured at export (exact: recall 1 by definition).
+    assert body["index"] == {
+        "backend": "exact",
+        "params": {},
+        "recall_at_10": 1.0,
+        "recall_at_100": 1.0,
+        "build_seconds": body["index"]["build_seconds"],
+        "sample_users": 50,
+    }
 
 
 BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [

@@ -177,3 +177,18 @@ def test_recommend_bad_users_file(artifact: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "users file does not exist" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_serve_reports_a_broken_index_in_one_line(
+    artifact: Path, tmp_path: Path, env: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from tracktower.features.artifact import INDEX_DIR
+
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    shutil.rmtree(broken / INDEX_DIR)
+    result = CliRunner().invoke(app, ["serve", "--model", str(broken)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: ") and "index/ is missing" in result.stderr
