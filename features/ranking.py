@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["SCORE_BUDGET", "score_chunks", "top_k", "top_k_chunks"]
+__all__ = [
+    "SCORE_BUDGET",
+    "exclude_rows",
+    "score_chunks",
+    "top_k",
+    "top_k_chunks",
+]
 
 # Scores per block in top_k_chunks: 16M float32 (64 MB) plus argpartition's int64 indices (128 MB).
 SCORE_BUDGET = 1 << 24
@@ -70,22 +76,29 @@ def _top_k_inplace(
     return idx, top
 
 
-def _exclude_mask(
+def exclude_rows(
     exclude: sp.csr_matrix, rows: np.ndarray | None, batch: int, n: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(score row, candidate) coordinates of the stored entries of ``exclude[rows]``."""
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``exclude[rows]`` as csr, and ``rows`` (default: exclude row ``b`` for score row ``b``),
+    checked against ``batch`` score rows over ``n`` candidates."""
     csr = sp.csr_matrix(exclude)
     if csr.shape[1] != n:
         raise ValueError(f"exclude has {csr.shape[1]} columns but there are {n} candidates")
     if rows is None:
         if csr.shape[0] != batch:
             raise ValueError(f"exclude has {csr.shape[0]} rows for {batch} score rows; pass rows=")
-        sub = csr
-    else:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(rows) != batch:
-            raise ValueError(f"rows has {len(rows)} entries for {batch} score rows")
-        sub = csr[rows]
+        return csr, np.arange(batch)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    if len(rows) != batch:
+        raise ValueError(f"rows has {len(rows)} entries for {batch} score rows")
+    return csr[rows], rows
+
+
+def _exclude_mask(
+    exclude: sp.csr_matrix, rows: np.ndarray | None, batch: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score row, candidate) coordinates of the stored entries of ``exclude[rows]``."""
+    sub, _ = exclude_rows(exclude, rows, batch, n)
     counts = np.diff(sub.indptr)
     return np.repeat(np.arange(batch), counts), sub.indices.astype(np.int64, copy=False)
 

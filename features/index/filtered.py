@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from tracktower.features import ranking
 from tracktower.features.index.base import RetrievalIndex, check_queries
 from tracktower.features.index.exact import ExactIndex
 
@@ -59,7 +60,7 @@ def overfetch_search(
     q = check_queries(queries, index.dim, k)
     if overfetch < 0:
         raise ValueError(f"overfetch must be >= 0, got {overfetch}")
-    sub, rows = _exclude_rows(exclude, rows, len(q), index.size)
+    sub, rows = ranking.exclude_rows(exclude, rows, len(q), index.size)
     counts = np.diff(sub.indptr)
     extra = min(int(counts.max()), overfetch) if len(counts) else 0
     idx, top = index.search(q, k + extra)
@@ -72,23 +73,6 @@ def overfetch_search(
     if short.any():
         out_idx[short], out_top[short] = exact.search(q[short], k, exclude, rows[short])
     return out_idx, out_top
-
-
-def _exclude_rows(
-    exclude: sp.csr_matrix, rows: np.ndarray | None, batch: int, n: int
-) -> tuple[sp.csr_matrix, np.ndarray]:
-    """``exclude[rows]`` as csr, and ``rows`` (default: one exclude row per query)."""
-    csr = sp.csr_matrix(exclude)
-    if csr.shape[1] != n:
-        raise ValueError(f"exclude has {csr.shape[1]} columns but the index has {n} candidates")
-    if rows is None:
-        if csr.shape[0] != batch:
-            raise ValueError(f"exclude has {csr.shape[0]} rows for {batch} queries; pass rows=")
-        rows = np.arange(batch)
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    if len(rows) != batch:
-        raise ValueError(f"rows has {len(rows)} entries for {batch} queries")
-    return csr[rows], rows
 
 
 def _first_survivors(
