@@ -39,7 +39,9 @@ COPY configs/ configs/
 RUN pip install --no-cache-dir . \
     && tracktower --help >/dev/null
 
-ENV MLFLOW_TRACKING_URI=sqlite:////mlflow/mlflow.db
+ENV MLFLOW_TRACKING_URI=sqlite:////mlflow/mlflow.db \
+    TRACKTOWER_CHECKPOINT_DIR=/mlflow/checkpoints \
+    TRACKTOWER_MODEL_CACHE_DIR=/mlflow/model-cache
 VOLUME /mlflow
 WORKDIR /mlflow
 USER tracktower

@@ -1,10 +1,11 @@
 """The naive way to serve the exported model, as the comparison point for ``serving.py``.
 
-Loads ``saved_model/`` with ``tf.saved_model.load`` and, for every request, calls its
-``query_from_history`` signature with the user's seen track ids (a TF graph call), scores every
-candidate with numpy and ranks with ``features.ranking.top_k``, seen tracks excluded. This is what
-one would write without the user embeddings that export precomputes and ``tracktower.serving``
-looks up; it exists only to measure the gap. Its answers equal the real server's for a model
+Loads ``saved_model/`` with ``tf.saved_model.load`` and, for every request, pools the user's seen
+tracks (the mean of their ``history_embeddings`` rows), calls the SavedModel's
+``query_from_pooled_history`` signature (a TF graph call), scores every candidate with numpy and
+ranks with ``features.ranking.top_k``, seen tracks excluded. This is what one would write without
+the user embeddings and lists that export precomputes and ``tracktower.serving`` looks up; it
+exists only to measure the gap. Its answers equal the real server's for a model
 without a user-id embedding (``model.use_user_id: false``); with one, the server's known-user
 embeddings also carry the id, which the history signature hides.
 
@@ -55,6 +56,7 @@ def _load(artifact: Path, state: dict[str, Any]) -> None:
         model=model,  # keeps the loaded object (and its variables) alive
         signature=model.signatures[HISTORY_SIGNATURE],
         track_ids=track_ids.tolist(),
+        history=arrays["history_embeddings"],
         candidates=np.asarray(arrays["track_embeddings"]),
         users={u: i for i, u in enumerate(arrays["user_ids"].tolist())},
         seen=seen,
@@ -64,12 +66,12 @@ def _load(artifact: Path, state: dict[str, Any]) -> None:
 def _recommend(state: dict[str, Any], user_id: str, k: int) -> list[dict[str, Any]]:
     u = state["users"].get(user_id)
     seen = state["seen"]
-    history = (
-        [state["track_ids"][i] for i in seen.indices[seen.indptr[u] : seen.indptr[u + 1]]]
-        if u is not None
-        else []
+    rows_seen = seen.indices[seen.indptr[u] : seen.indptr[u + 1]] if u is not None else []
+    table = state["history"]
+    pooled = (
+        table[rows_seen].mean(axis=0) if len(rows_seen) else np.zeros(table.shape[1], np.float32)
     )
-    out = state["signature"](**{HISTORY_INPUT: state["tf"].constant([history or [""]])})
+    out = state["signature"](**{HISTORY_INPUT: state["tf"].constant(pooled[None, :])})
     query = out[HISTORY_OUTPUT].numpy()[0]
     scores = (state["candidates"] @ query)[None, :]
     rows = None if u is None else np.array([u])

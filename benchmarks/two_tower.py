@@ -112,7 +112,8 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     """Hold out ``fraction`` of the users entirely; answer them from 80% of their tracks.
 
     The query tower is called with the user id hidden and the recent tracks as history, exactly
-    what the SavedModel's ``query_from_history`` signature (the server's ``session`` source) does.
+    what the server's ``session`` source does (the pooled history through the SavedModel's
+    ``query_from_pooled_history`` signature).
     """
     from tracktower.features.catalog import track_artist_index
     from tracktower.features.dataset import encode

@@ -3,16 +3,25 @@
 An artifact is a directory::
 
     manifest.json        Manifest (below); format_version is checked before anything else
-    arrays/<name>.npy    one plain .npy per array in ARRAYS, so a server can memory-map each one
-    tracks.parquet       track metadata: track_id, optional title/artist/album/year
+    arrays/<name>.npy    one plain .npy per array (``contract_arrays``), memory-mapped by readers
+    tracks.arrow         track metadata, row i = track i (Arrow IPC file, memory-mapped)
     saved_model/         TensorFlow SavedModel, present when manifest.has_history_tower
     index/               the retrieval index over track_embeddings (``features.index``)
 
 Track index ``i`` means the same track in every array (row ``i`` of ``track_embeddings``, column
-``i`` of the seen CSR); user index ``u`` likewise. The SavedModel has one signature,
-``query_from_history`` (also ``serving_default``): string track ids ``[B, L]``, ``""`` as
-padding, to ``query_embedding`` float32 ``[B, dim]``; ranking happens outside TensorFlow, in
-``features.ranking``, so there is one top-k routine.
+``i`` of the seen CSR, row ``i`` of tracks.arrow); user index ``u`` likewise.
+
+Everything a server process holds that grows with users or tracks is a memory map of these files,
+so N worker processes share one copy through the page cache: ids are found by binary search over
+``track_order`` / ``user_order`` (argsorts written by ``write_artifact``; see ``IdLookup``) instead
+of per-process dictionaries of millions of Python strings, and the history tower's track table is
+the array ``history_embeddings`` instead of a TensorFlow variable restored into every process. A
+session's pooled history is the mean of the ``history_embeddings`` rows of its known tracks
+(unknown ids are skipped, as the model's masked pooling skips padding); the SavedModel has one
+signature, ``query_from_pooled_history`` (also ``serving_default``): ``pooled_history`` float32
+``[B, history_dim]`` to ``query_embedding`` float32 ``[B, dim]``, the rest of the query tower
+with the user id hidden. Ranking happens outside TensorFlow, in ``features.ranking``, so there is
+one top-k routine.
 
 Every ranking (server, batch, offline evaluation) searches the retrieval index built at export;
 ``manifest.index`` is its ``IndexInfo``: ``backend`` (``exact`` or ``scann``), the ``params`` it
@@ -47,7 +56,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracktower.features.errors import DataError, one_line
 from tracktower.features.index.base import IndexInfo, RetrievalIndex, load_index
@@ -56,19 +66,25 @@ __all__ = [
     "ARRAYS",
     "ARRAYS_DIR",
     "FORMAT_VERSION",
+    "HISTORY_ARRAY",
     "HISTORY_INPUT",
     "HISTORY_OUTPUT",
     "HISTORY_SIGNATURE",
     "INDEX_DIR",
+    "KNOWN_TOP_ARRAYS",
     "MANIFEST_FILE",
+    "ORDER_ARRAYS",
     "PYFUNC_ARTIFACT_KEY",
     "SAVED_MODEL_DIR",
     "TRACKS_FILE",
     "TRACK_COLUMNS",
     "ArraySpec",
     "DatasetInfo",
+    "IdLookup",
     "Manifest",
+    "TrackMetadata",
     "array_file",
+    "contract_arrays",
     "read_arrays",
     "read_index",
     "read_manifest",
@@ -79,9 +95,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST_FILE = "manifest.json"
-TRACKS_FILE = "tracks.parquet"
+TRACKS_FILE = "tracks.arrow"
 SAVED_MODEL_DIR = "saved_model"
 INDEX_DIR = "index"
 ARRAYS_DIR = "arrays"
@@ -89,10 +105,12 @@ ARRAYS_DIR = "arrays"
 _FINITE_BLOCK_BYTES = 16 << 20
 # Key of the artifact directory in the MLflow pyfunc model's ``artifacts``.
 PYFUNC_ARTIFACT_KEY = "artifact"
-HISTORY_SIGNATURE = "query_from_history"
-HISTORY_INPUT = "track_ids"
+HISTORY_SIGNATURE = "query_from_pooled_history"
+HISTORY_INPUT = "pooled_history"
 HISTORY_OUTPUT = "query_embedding"
-# tracks.parquet: track_id is required, the others are kept when the catalogue has them.
+# Ids compared per block by the order check (``_check_order``): bounded temporary memory.
+_ORDER_BLOCK = 1 << 16
+# tracks.arrow: track_id is required, the others are kept when the catalogue has them.
 TRACK_COLUMNS = ("track_id", "title", "artist", "album", "year")
 
 
@@ -118,6 +136,26 @@ ARRAYS: tuple[ArraySpec, ...] = (
     ArraySpec("popular", "int32", ("num_tracks",), "every track index, most popular first"),
     ArraySpec("popular_scores", "float32", ("num_tracks",), "distinct users per popular[i]"),
 )
+# Present exactly when manifest.has_history_tower; given to write_artifact like ARRAYS.
+HISTORY_ARRAY = ArraySpec(
+    "history_embeddings",
+    "float32",
+    ("num_tracks", "history_dim"),
+    "the query tower's track table; a session's pooled history is the mean of its rows",
+)
+# Present exactly when manifest.known_top_k > 0: every known user's list, computed at export
+# through the index with seen tracks excluded (rows padded with -1 / -inf), so a server answers a
+# known user with a slice of a shared memory map instead of a search per request.
+KNOWN_TOP_ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("known_top_indices", "int32", ("num_users", "known_top_k"), "top tracks, best first"),
+    ArraySpec("known_top_scores", "float32", ("num_users", "known_top_k"), "their scores"),
+)
+# Derived from the ids by write_artifact (callers never pass them).
+ORDER_ARRAYS: tuple[ArraySpec, ...] = (
+    ArraySpec("track_order", "int64", ("num_tracks",), "argsort of track_ids (IdLookup)"),
+    ArraySpec("user_order", "int64", ("num_users",), "argsort of user_ids (IdLookup)"),
+)
+_ORDER_OF = {"track_order": "track_ids", "user_order": "user_ids"}
 
 
 class DatasetInfo(BaseModel):
@@ -150,15 +188,32 @@ class Manifest(BaseModel):
     libraries: dict[str, Any] = {}
     final: bool = False
     index: dict[str, Any]
+    # Width of history_embeddings (the query tower's track table), when has_history_tower.
+    history_dim: int | None = None
+    # Width of the precomputed known-user lists (KNOWN_TOP_ARRAYS); 0: none, searched on demand.
+    known_top_k: int = Field(0, ge=0)
 
     @field_validator("index")
     @classmethod
     def _index_info(cls, value: dict[str, Any]) -> dict[str, Any]:
         return IndexInfo.from_dict(value).to_dict()
 
+    @model_validator(mode="after")
+    def _history_dim(self) -> Manifest:
+        if self.has_history_tower and (self.history_dim is None or self.history_dim < 1):
+            raise ValueError("history_dim (a positive integer) is required with has_history_tower")
+        return self
+
     @property
     def index_info(self) -> IndexInfo:
         return IndexInfo.from_dict(self.index)
+
+
+def contract_arrays(manifest: Manifest) -> tuple[ArraySpec, ...]:
+    """Every array file an artifact with this manifest holds."""
+    history = (HISTORY_ARRAY,) if manifest.has_history_tower else ()
+    known = KNOWN_TOP_ARRAYS if manifest.known_top_k else ()
+    return ARRAYS + history + known + ORDER_ARRAYS
 
 
 class _ArrayProblem(Exception):
@@ -199,17 +254,23 @@ def write_artifact(
     backend, which stores nothing.
     """
     out_dir = Path(out_dir)
+    arrays = _with_orders(out_dir, manifest, arrays)
     _check_for_write(out_dir, manifest, arrays, tracks, saved_model)
     _check_index_for_write(out_dir, manifest, index)
+    metadata = _aligned_metadata(tracks, arrays["track_ids"])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Not mkdtemp: its 0700 mode would survive the rename and hide the model from other users.
     staging = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(6)}.partial"
     staging.mkdir()
     try:
         (staging / ARRAYS_DIR).mkdir()
-        for spec in ARRAYS:
+        for spec in contract_arrays(manifest):
             np.save(array_file(staging, spec.name), np.ascontiguousarray(arrays[spec.name]))
-        tracks.to_parquet(staging / TRACKS_FILE, index=False)
+        with (
+            pa.OSFile(str(staging / TRACKS_FILE), "wb") as sink,
+            pa.ipc.new_file(sink, metadata.schema) as writer,
+        ):
+            writer.write_table(metadata)
         if saved_model is not None:
             saved_model(staging / SAVED_MODEL_DIR)
             if not (staging / SAVED_MODEL_DIR).is_dir():
@@ -223,6 +284,33 @@ def write_artifact(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _with_orders(
+    out_dir: Path, manifest: Manifest, arrays: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``arrays`` plus the ORDER_ARRAYS computed from their ids (stable argsorts)."""
+    given = {spec.name for spec in contract_arrays(manifest)} - set(_ORDER_OF)
+    missing, extra = sorted(given - set(arrays)), sorted(set(arrays) - given)
+    if missing or extra:
+        raise DataError(f"arrays missing {missing}, not in the contract {extra}", path=out_dir)
+    out = dict(arrays)
+    for order, ids in _ORDER_OF.items():
+        out[order] = np.argsort(np.asarray(arrays[ids]), kind="stable").astype(np.int64)
+    return out
+
+
+def _aligned_metadata(tracks: pd.DataFrame, track_ids: np.ndarray) -> pa.Table:
+    """Metadata with one row per track index (nulls where the catalogue has none), the columns
+    of TRACK_COLUMNS it has, as strings (a reader fetches them by row number)."""
+    frame = tracks.drop_duplicates("track_id").set_index(tracks["track_id"].astype(str))
+    aligned = frame.reindex(pd.Index(np.asarray(track_ids, dtype=str)))
+    columns = {"track_id": pa.array(np.asarray(track_ids, dtype=str), type=pa.string())}
+    for name in TRACK_COLUMNS[1:]:
+        if name in aligned.columns:
+            values = aligned[name].astype("string")
+            columns[name] = pa.array(values, type=pa.string(), from_pandas=True)
+    return pa.table(columns)
 
 
 def _check_for_write(
@@ -240,10 +328,6 @@ def _check_for_write(
             f"format_version {FORMAT_VERSION}",
             path=out_dir,
         )
-    names = {spec.name for spec in ARRAYS}
-    missing, extra = sorted(names - set(arrays)), sorted(set(arrays) - names)
-    if missing or extra:
-        raise DataError(f"arrays missing {missing}, not in the contract {extra}", path=out_dir)
     try:
         _check_arrays(arrays, manifest)
     except _ArrayProblem as exc:
@@ -336,7 +420,10 @@ def read_arrays(path: str | Path, manifest: Manifest, mmap: bool = True) -> dict
     rank garbage without an error), so loading reads each file once; the page cache keeps them.
     """
     path = Path(path)
-    arrays = {spec.name: _load_npy(array_file(path, spec.name), mmap) for spec in ARRAYS}
+    arrays = {
+        spec.name: _load_npy(array_file(path, spec.name), mmap)
+        for spec in contract_arrays(manifest)
+    }
     try:
         _check_arrays(arrays, manifest)
     except _ArrayProblem as exc:
@@ -379,29 +466,119 @@ def read_index(
     return load_index(directory, info.backend, info.params, emb)
 
 
-def read_track_metadata(
-    path: str | Path, track_ids: np.ndarray
-) -> tuple[list[str | None], list[str | None]]:
-    """Titles and artists aligned to track index (None where the artifact has no metadata)."""
+class _StringColumn:
+    """Row i of an Arrow string array, read straight from its buffers (offsets, UTF-8 bytes,
+    validity bits): about 1 us a row, where a ``take`` call costs tens of microseconds even for
+    ten rows, on the path of every recommendation."""
+
+    def __init__(self, column: pa.Array) -> None:
+        validity, offsets, data = column.buffers()[:3]
+        width = np.int64 if pa.types.is_large_string(column.type) else np.int32
+        start = column.offset
+        self._offsets = np.frombuffer(offsets, dtype=width)[start : start + len(column) + 1]
+        self._data = memoryview(data) if data is not None else memoryview(b"")
+        self._validity = (
+            memoryview(validity) if validity is not None and column.null_count else None
+        )
+        self._start = start
+
+    def get(self, rows: list[int]) -> list[str | None]:
+        out: list[str | None] = []
+        offsets, data, validity = self._offsets, self._data, self._validity
+        for i in rows:
+            if validity is not None:
+                bit = i + self._start
+                if not (validity[bit >> 3] >> (bit & 7)) & 1:
+                    out.append(None)
+                    continue
+            lo, hi = offsets[i : i + 2].tolist()
+            out.append(str(data[lo:hi], "utf-8"))
+        return out
+
+
+class TrackMetadata:
+    """Titles and artists by track index, read from the memory-mapped tracks.arrow (no Python
+    object per track: a server fetches the few rows it answers with)."""
+
+    def __init__(self, table: pa.Table | None, num_tracks: int) -> None:
+        self._columns: dict[str, _StringColumn | None] = {"title": None, "artist": None}
+        self.num_tracks = num_tracks
+        if table is not None:
+            for name in self._columns:
+                if name in table.column_names:
+                    self._columns[name] = _StringColumn(table.column(name).combine_chunks())
+
+    def rows(self, indices: np.ndarray | list[int]) -> tuple[list[Any], list[Any]]:
+        """(titles, artists) of the given track indices, None where unknown."""
+        rows = np.asarray(indices, dtype=np.int64).tolist()
+        out = []
+        for name in ("title", "artist"):
+            column = self._columns[name]
+            out.append([None] * len(rows) if column is None else column.get(rows))
+        return out[0], out[1]
+
+
+def read_track_metadata(path: str | Path, manifest: Manifest) -> TrackMetadata:
+    """The artifact's track metadata, memory-mapped; it must have one row per track, in track
+    index order, as ``write_artifact`` writes it."""
     file = Path(path) / TRACKS_FILE
     if not file.is_file():
         log.warning("%s is missing; recommendations carry no title/artist", file)
-        return [None] * len(track_ids), [None] * len(track_ids)
+        return TrackMetadata(None, manifest.num_tracks)
     try:
-        tracks = pd.read_parquet(file)
-    except (OSError, ValueError) as exc:
+        table = pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"unreadable track metadata: {one_line(exc)[:300]}", path=file) from None
-    if "track_id" not in tracks.columns:
+    if "track_id" not in table.column_names:
         raise DataError("missing column", path=file, column="track_id")
-    tracks = tracks.drop_duplicates("track_id").set_index(tracks["track_id"].astype(str))
-    aligned = tracks.reindex(pd.Index(np.asarray(track_ids, dtype=str)))
+    if table.num_rows != manifest.num_tracks:
+        raise DataError(
+            f"{table.num_rows} rows, the manifest has {manifest.num_tracks} tracks", path=file
+        )
+    for name in ("title", "artist"):
+        if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
+            raise DataError("expected a string column", path=file, column=name)
+    return TrackMetadata(table, manifest.num_tracks)
 
-    def column(name: str) -> list[str | None]:
-        if name not in aligned.columns:
-            return [None] * len(track_ids)
-        return [None if pd.isna(v) else str(v) for v in aligned[name].tolist()]
 
-    return column("title"), column("artist")
+class IdLookup:
+    """Id → index by binary search over an id array and its argsort (both memory-mapped):
+    O(log n) per id and no Python object per id, so the lookup tables of N server processes
+    are one shared copy (a dict of 2.26M track ids is ~250 MB in every process).
+
+    An id longer than the array's fixed width cannot be in it and is answered at once; any other
+    is first cast to the array's dtype, so numpy never converts the whole array to compare.
+    """
+
+    def __init__(self, ids: np.ndarray, order: np.ndarray) -> None:
+        self.ids = ids
+        self.order = order
+        self._width = ids.dtype.itemsize // 4
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def get(self, key: str) -> int | None:
+        if not isinstance(key, str) or len(key) > self._width or not len(self.ids):
+            return None
+        probe = np.array(key, dtype=self.ids.dtype)
+        pos = min(int(self.ids.searchsorted(probe, sorter=self.order)), len(self.order) - 1)
+        row = int(self.order[pos])
+        return row if self.ids[row] == probe else None
+
+    def get_many(self, keys: list[str] | tuple[str, ...] | np.ndarray) -> np.ndarray:
+        """Index of each key, -1 where it is unknown (int64)."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        fits = [i for i, key in enumerate(keys) if isinstance(key, str) and len(key) <= self._width]
+        if not fits or not len(self.ids):
+            return out
+        probe = np.array([keys[i] for i in fits], dtype=self.ids.dtype)
+        pos = np.searchsorted(self.ids, probe, sorter=self.order)
+        pos = np.minimum(pos, len(self.order) - 1)
+        rows = self.order[pos]
+        found = self.ids[rows] == probe
+        out[np.asarray(fits)[found]] = rows[found]
+        return out
 
 
 # --- checks shared by writer and reader ----------------------------------------------------------
@@ -418,16 +595,21 @@ def _check_arrays(arrays: Mapping[str, np.ndarray], manifest: Manifest) -> None:
         "num_users + 1": manifest.num_users + 1,
         "dim": manifest.embedding_dim,
         "nnz": len(arrays["seen_indices"]),
+        "history_dim": manifest.history_dim or 0,
+        "known_top_k": manifest.known_top_k,
     }
-    for spec in ARRAYS:
+    specs = contract_arrays(manifest)
+    for spec in specs:
         _check_spec(spec, arrays[spec.name], dims)
-    for name in ("track_ids", "user_ids"):
-        if len(np.unique(arrays[name])) != len(arrays[name]):
-            raise _ArrayProblem(name, "duplicate ids")
+    for order, ids in _ORDER_OF.items():
+        _check_order(ids, arrays[ids], order, arrays[order])
     _check_csr(arrays["seen_indptr"], arrays["seen_indices"], manifest.num_tracks)
     _check_popular(arrays["popular"], arrays["popular_scores"], manifest.num_tracks)
-    for name in ("track_embeddings", "user_embeddings"):
-        _check_finite(name, arrays[name])
+    if manifest.known_top_k:
+        _check_known_top(arrays["known_top_indices"], arrays["known_top_scores"], manifest)
+    for spec in specs:
+        if spec.dtype == "float32" and len(spec.shape) == 2:
+            _check_finite(spec.name, arrays[spec.name])
 
 
 def _check_spec(spec: ArraySpec, array: np.ndarray, dims: dict[str, int]) -> None:
@@ -443,6 +625,28 @@ def _check_spec(spec: ArraySpec, array: np.ndarray, dims: dict[str, int]) -> Non
             spec.name,
             f"expected shape {expected} ({symbols}, from the manifest), got {array.shape}",
         )
+
+
+def _check_order(name: str, ids: np.ndarray, order_name: str, order: np.ndarray) -> None:
+    """``order`` is a permutation that sorts ``ids`` strictly (so the ids are unique), checked
+    in blocks so a memory-mapped id array is never copied whole."""
+    n = len(ids)
+    if n and (order.min() < 0 or order.max() >= n):
+        raise _ArrayProblem(order_name, f"index outside [0, {n})")
+    for start in range(0, max(n - 1, 0), _ORDER_BLOCK):
+        block = ids[order[start : start + _ORDER_BLOCK + 1]]
+        if not (block[1:] > block[:-1]).all():
+            j = start + int(np.argmin(block[1:] > block[:-1]))
+            if ids[order[j]] == ids[order[j + 1]]:
+                raise _ArrayProblem(name, f"duplicate id {str(ids[order[j]])[:80]!r}")
+            raise _ArrayProblem(order_name, f"does not sort {name} (position {j})")
+
+
+def _check_known_top(indices: np.ndarray, scores: np.ndarray, manifest: Manifest) -> None:
+    if indices.size and (indices.min() < -1 or indices.max() >= manifest.num_tracks):
+        raise _ArrayProblem("known_top_indices", f"track index outside [-1, {manifest.num_tracks})")
+    if scores.size and np.isnan(scores).any():
+        raise _ArrayProblem("known_top_scores", "NaN scores")
 
 
 def _check_csr(indptr: np.ndarray, indices: np.ndarray, n_tracks: int) -> None:

@@ -1,13 +1,15 @@
 """Application factory for the HTTP server.
 
-The model is resolved and loaded exactly once, in the lifespan (never at import, never per
-request), and kept in ``app.state``; TensorFlow is only touched there, and only when the artifact
-has a history tower. Loading memory-maps the arrays and reads the retrieval index saved at export
-(ScaNN is imported then, before any request thread exists: see ``features.index.scann_import``);
-nothing is ranked ahead of requests, so start-up does no work that grows as users x tracks. The
-heap is then frozen out of the garbage collector: the imports and the model leave 100k+
-long-lived objects (more with MLflow or TensorFlow), and a full collection walking them (~0.1 s
-on a busy 2-core box) stalls every in-flight request.
+The model is resolved and loaded in the lifespan (never at import, never per request), and
+kept in ``app.state``; TensorFlow is only touched there, and only when the artifact has a history
+tower. Loading memory-maps the arrays and reads the retrieval index saved at export (ScaNN is
+imported then, before any request thread exists: see ``features.index.scann_import``); nothing
+is ranked ahead of requests, so start-up does no work that grows as users x tracks. The heap the
+imports leave is frozen out of the garbage collector just before the model is loaded: it is
+100k+ long-lived objects (more with MLflow or TensorFlow), and a full collection walking them
+(0.1-0.5 s on a busy 2-core box) stalls every in-flight request. When the model URI is an alias
+(``models:/NAME@ALIAS``), an ``AliasWatcher`` thread follows it and swaps a new version in
+without a restart (``serving/swap.py``, which also says why the model is not frozen).
 
 A model that cannot be loaded (missing or mismatched files, a bad index: any DataError) fails the
 start-up with its one line as uvicorn's startup-failure message instead of a traceback, and
@@ -45,6 +47,7 @@ from tracktower.serving.limits import BatchGate, HeaderLimits
 from tracktower.serving.metrics import Metrics, MetricsMiddleware
 from tracktower.serving.routers import health, model, recommendations
 from tracktower.serving.settings import Settings
+from tracktower.serving.swap import AliasWatcher
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +75,29 @@ def limit_blas_threads(threads: int) -> Any:
 
 
 def load_model(settings: Settings) -> tuple[Recommender, LoadedModel]:
-    from tracktower.serving.resolve import resolve_artifact
+    """The start-up model: a registry version through the per-host cache, loaded after the heap
+    imported so far is frozen (``serving/swap.py`` says why the model itself is not). With an
+    alias URI and ``model_start_version`` (set by ``tracktower serve``) that version is loaded,
+    and the alias is followed from there."""
+    from tracktower.serving.resolve import registry_alias, resolve_artifact
+    from tracktower.serving.swap import load_version
 
-    resolved = resolve_artifact(settings.model_uri, tracking_uri=settings.tracking_uri)
-    recommender = Recommender.load(
-        resolved.path, cache_users=settings.known_cache_users, cache_width=settings.max_k
+    uri = settings.model_uri
+    alias = registry_alias(uri)
+    if alias is not None and settings.model_start_version is not None:
+        uri = f"models:/{alias[0]}/{settings.model_start_version}"
+    resolved = resolve_artifact(
+        uri,
+        tracking_uri=settings.tracking_uri,
+        cache_dir=settings.model_cache_dir,
+        cache_keep=settings.model_cache_keep,
     )
+    recommender = load_version(resolved.path, settings, startup=True)
+    registry = uri.startswith("models:/") and resolved.version is not None
     loaded = LoadedModel(
         name=resolved.name,
         version=resolved.version,
-        uri=settings.model_uri,
+        uri=f"models:/{resolved.name}/{resolved.version}" if registry else settings.model_uri,
     )
     return recommender, loaded
 
@@ -126,11 +142,22 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
             loaded_rec.index_info.recall_at_100,
             loaded_rec.has_history_tower,
         )
-        gc.collect()
-        gc.freeze()
+        del loaded_rec  # app.state holds the model: a swap must be able to let go of it
+        watcher = None
+        if recommender is not None:  # built before the app: frozen with the heap, never swapped
+            gc.collect()
+            gc.freeze()
+        else:
+            watcher = AliasWatcher.for_settings(app.state, settings, metrics, loaded.version)
+            if watcher is not None:
+                watcher.start()
+        app.state.model_watcher = watcher
         try:
             yield
         finally:
+            if watcher is not None:
+                watcher.stop()
+            app.state.model_watcher = None
             app.state.serving = None
             app.state.recommender, app.state.model = None, None
             metrics.unset_model()
@@ -144,7 +171,12 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
         version="1",
         lifespan=lifespan,
         telemetry=None if settings.opentelemetry else _NO_TELEMETRY,
+        docs_url=None,  # the offline pages instead (serving/docs.py)
+        redoc_url=None,
     )
+    from tracktower.serving.docs import install_docs
+
+    install_docs(app, settings)  # before _add_middleware: auth reads app.docs_url
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.recommender = None

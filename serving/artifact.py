@@ -9,8 +9,12 @@ top-k routine (``features.ranking``); on ScaNN the returned scores are exact dot
 index can only miss candidates, at the recall the manifest records.
 
 Loading does no work that grows as users x tracks: the arrays are memory-mapped (read-only, shared
-by every process mapping the same files, never copied), the index is read as saved, and the
-Python-side tables are per user or per track. Nothing is ranked ahead of a request.
+by every process mapping the same files, never copied), the index is read as saved, and nothing
+is ranked ahead of a request. Nor is anything held per user or per track in a process's own heap:
+ids are looked up by binary search over the mapped id arrays (``IdLookup``), titles and artists
+are fetched by row from the mapped tracks.arrow, the seen CSR's values are one broadcast 1, and a
+session is pooled from the mapped ``history_embeddings``; what a worker owns is the ScaNN index,
+the small history-tower SavedModel and its caches, so N workers cost little more than one.
 
 Known users' lists are cached lazily, with a bound (``configure_cache``; the server passes
 ``known_cache_users`` and ``max_k``): a known user is searched once at the cache width, seen tracks
@@ -18,11 +22,9 @@ excluded, and later requests slice that list (measured on 20k users x 24k tracks
 0.03 ms for a hit against about 1 ms for a search). Known users are always searched at
 ``max(k, width)`` and the list cut to k, by single requests and batches alike, cached or not, so
 the answer never depends on what happens to be cached (an approximate search for more
-candidates is not a prefix of one for fewer). One difference remains with an approximate index:
-a batch over-fetches every row by the batch's largest seen-track count (``search_excluding``), a
-single request by its own, so a batch may return other candidates than single requests for the
-same user (exact scores either way, seen tracks excluded, recall as measured); with an exact
-index they are identical. Request-time excludes filter the list; only when
+candidates is not a prefix of one for fewer); ``search_excluding`` over-fetches every row by the
+same width, so a batch answers each user as a single request does. Request-time excludes filter
+the list; only when
 fewer than k survive and the list did not hold every candidate is the user searched again with
 them excluded.
 """
@@ -41,7 +43,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from tracktower.features.artifact import (
+    HISTORY_ARRAY,
+    IdLookup,
     Manifest,
+    TrackMetadata,
     read_arrays,
     read_index,
     read_manifest,
@@ -103,14 +108,13 @@ class Recommender:
         path: Path,
         manifest: Manifest,
         arrays: dict[str, np.ndarray],
-        titles: list[str | None],
-        artists: list[str | None],
-        history_tower: Callable[[list[str]], np.ndarray] | None,
+        metadata: TrackMetadata,
+        history_tower: Callable[[np.ndarray], np.ndarray] | None,
         index: RetrievalIndex,
     ) -> None:
         # ``arrays`` follow the artifact contract (read_arrays checked them), usually as read-only
-        # memory maps, used in place: ascontiguousarray is a no-op on a C-contiguous float32 map
-        # and the seen CSR shares seen_indices; it allocates only its data (nnz float32 ones).
+        # memory maps, used in place: ascontiguousarray is a no-op on a C-contiguous float32 map,
+        # and the seen CSR shares seen_indices / seen_indptr with a zero-stride 1 as its values.
         self.path = path
         self.manifest = manifest
         self.track_ids: np.ndarray = arrays["track_ids"]
@@ -118,23 +122,20 @@ class Recommender:
         self.track_embeddings = np.ascontiguousarray(arrays["track_embeddings"], dtype=np.float32)
         self.user_embeddings = np.ascontiguousarray(arrays["user_embeddings"], dtype=np.float32)
         n, u = len(self.track_ids), len(self.user_ids)
+        ones = np.broadcast_to(np.float32(1), (len(arrays["seen_indices"]),))
         self.seen = sp.csr_matrix(
-            (
-                np.ones(len(arrays["seen_indices"]), dtype=np.float32),
-                arrays["seen_indices"],
-                arrays["seen_indptr"],
-            ),
-            shape=(u, n),
+            (ones, arrays["seen_indices"], arrays["seen_indptr"]), shape=(u, n)
         )
         self.popular: np.ndarray = arrays["popular"]
         self.popular_scores: np.ndarray = arrays["popular_scores"]
-        self._popular_list: list[int] = self.popular.tolist()
-        self._track_list: list[str] = self.track_ids.tolist()
-        self._titles = titles
-        self._artists = artists
-        self._track_index = {t: i for i, t in enumerate(self._track_list)}
-        self._user_index = {v: i for i, v in enumerate(self.user_ids.tolist())}
-        self._history_tower = history_tower
+        self._metadata = metadata
+        self._tracks = IdLookup(self.track_ids, arrays["track_order"])
+        self._users = IdLookup(self.user_ids, arrays["user_order"])
+        self._history: np.ndarray | None = arrays.get(HISTORY_ARRAY.name)
+        # Lists precomputed at export (manifest.known_top_k wide), or none (width 0).
+        self._lists = (arrays.get("known_top_indices"), arrays.get("known_top_scores"))
+        self._list_width = manifest.known_top_k if self._lists[0] is not None else 0
+        self._history_tower = history_tower if self._history is not None else None
         self.index = index
         self.index_info: IndexInfo = manifest.index_info
         # The exact fallback of search_excluding (rows the over-fetch cannot fill); for an exact
@@ -184,33 +185,36 @@ class Recommender:
         manifest = read_manifest(path)
         arrays = read_arrays(path, manifest, mmap=True)
         index = read_index(path, manifest, arrays["track_embeddings"])
-        titles, artists = read_track_metadata(path, arrays["track_ids"])
+        metadata = read_track_metadata(path, manifest)
         tower = None
-        if history_tower and manifest.has_history_tower:
-            tower = load_history_tower(path)
-        recommender = cls(path, manifest, arrays, titles, artists, tower, index)
+        if history_tower and manifest.has_history_tower and manifest.history_dim:
+            tower = load_history_tower(path, manifest.history_dim)
+        recommender = cls(path, manifest, arrays, metadata, tower, index)
         recommender.configure_cache(cache_users, cache_width)
         return recommender
 
     @property
     def n_tracks(self) -> int:
-        return len(self._track_list)
+        return len(self.track_ids)
 
     @property
     def n_users(self) -> int:
-        return len(self._user_index)
+        return len(self.user_ids)
 
     @property
     def has_history_tower(self) -> bool:
         return self._history_tower is not None
 
     def user_index(self, user_id: str) -> int | None:
-        return self._user_index.get(user_id)
+        return self._users.get(user_id)
 
     def track_indices(self, track_ids: Iterable[str]) -> list[int]:
         """Candidate indices of the known ids, in order; unknown ids are not candidates anyway."""
-        get = self._track_index.get
-        return [i for i in (get(t) for t in track_ids) if i is not None]
+        ids = list(track_ids)
+        if not ids:
+            return []
+        found = self._tracks.get_many(ids)
+        return found[found >= 0].tolist()
 
     def recommend(
         self,
@@ -227,28 +231,36 @@ class Recommender:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         excluded = self.track_indices([*exclude_track_ids, *recent_track_ids])
-        u = self._user_index.get(user_id)
+        u = self._users.get(user_id)
         if u is not None:
             # Without a cache a list to filter would be searched just for this request.
             listed = None
-            if not excluded or k <= self._cache_width:
+            if not excluded or k <= max(self._cache_width, self._list_width):
                 listed = self._from_list(self._known_list(u, k), k, excluded)
             if listed is not None:
                 return listed
             seen = self.seen.indices[self.seen.indptr[u] : self.seen.indptr[u + 1]]
             return self._search(self.user_embeddings[u], k, np.union1d(seen, excluded), "model")
         recent = self.track_indices(recent_track_ids)
-        if recent and self._history_tower is not None:
-            query = self._history_tower([self._track_list[i] for i in recent])
+        if recent and self._history_tower is not None and self._history is not None:
+            # The model's masked mean over the known tracks, as in training (duplicates count).
+            pooled = self._history[np.asarray(recent)].mean(axis=0, dtype=np.float32)
+            query = self._history_tower(pooled)
             return self._search(query, k, np.unique(excluded), "session")
         return self._popular(k, excluded)
 
     def cached(self, user_id: str, k: int) -> Recommendation | None:
         """A known user's top-k from the cache, or None (not cached, not known, or k wider than
-        the cache): the router answers these on the event loop, everything else in a thread."""
-        u = self._user_index.get(user_id)
-        if u is None or not 1 <= k <= self._cache_width:
+        the cache): the router answers these on the event loop, everything else in a thread.
+        A list precomputed at export counts as cached."""
+        if not 1 <= k <= max(self._cache_width, self._list_width):
             return None
+        u = self._users.get(user_id)
+        if u is None:
+            return None
+        if k <= self._list_width:
+            indices, scores = self._precomputed(u)
+            return Recommendation(self._items(indices[:k], scores[:k]), "model")
         with self._cache_lock:
             hit = self._cache.get(u)
             if hit is not None:
@@ -260,9 +272,16 @@ class Recommender:
     def _width(self, k: int) -> int:
         return min(max(k, self._cache_width), self.n_tracks)
 
+    def _precomputed(self, u: int) -> tuple[np.ndarray, np.ndarray]:
+        indices, scores = self._lists
+        assert indices is not None and scores is not None
+        return indices[u], scores[u]
+
     def _known_list(self, u: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """User ``u``'s top-``_width(k)`` list, seen excluded: cached, or searched (and cached
-        when ``k`` fits the cache)."""
+        """User ``u``'s top list, seen excluded: precomputed at export when ``k`` fits it, else
+        ``_width(k)`` wide, cached, or searched (and cached when ``k`` fits the cache)."""
+        if k <= self._list_width:
+            return self._precomputed(u)
         cacheable = k <= self._cache_width
         if cacheable:
             with self._cache_lock:
@@ -317,41 +336,49 @@ class Recommender:
         return Recommendation(self._items(idx[0], top[0]), src)
 
     def _popular(self, k: int, excluded: list[int]) -> Recommendation:
-        skip = set(excluded)
-        chosen = []
-        for pos, i in enumerate(self._popular_list):
-            if i not in skip:
-                chosen.append(pos)
-                if len(chosen) == k:
-                    break
-        return Recommendation(
-            self._items(self.popular[chosen], self.popular_scores[chosen]), "popular"
-        )
+        # At most len(excluded) of the first k + len(excluded) are excluded.
+        head = self.popular[: k + len(excluded)]
+        keep = np.nonzero(~np.isin(head, excluded))[0][:k] if excluded else np.arange(len(head))
+        return Recommendation(self._items(head[keep], self.popular_scores[keep]), "popular")
 
     def _items(self, indices: np.ndarray, scores: np.ndarray) -> list[Item]:
-        return [
-            Item(self._track_list[i], s, self._titles[i], self._artists[i])
+        # Python lists: for the <= max_k items of a request they are cheaper than numpy masks.
+        kept = [
+            (i, s)
             for i, s in zip(indices.tolist(), scores.tolist(), strict=True)
-            if s != -np.inf and i >= 0
+            if i >= 0 and s != -np.inf
+        ]
+        if not kept:
+            return []
+        rows = [i for i, _ in kept]
+        titles, artists = self._metadata.rows(rows)
+        ids = self.track_ids[rows].tolist()
+        return [
+            Item(t, s, title, artist)
+            for t, (_, s), title, artist in zip(ids, kept, titles, artists, strict=True)
         ]
 
     def top_k_batch(self, user_ids: Sequence[str], k: int) -> TopK:
-        """Known users searched through the index in one batch at ``max(k, cache width)``, seen
-        excluded, cut to k (what ``recommend`` returns for each; see the module docstring for
-        an approximate index); unknown users →
-        popular. Batches do not fill the cache: a batch of many users would evict the
-        interactive ones."""
+        """Known users' lists precomputed at export when k fits them, else searched through the
+        index in one batch at ``max(k, cache width)``, seen excluded, cut to k (what
+        ``recommend`` returns for each; see the module docstring); unknown users → popular.
+        Batches do not fill the cache: a batch of many users would evict the interactive
+        ones."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         k = min(k, self.n_tracks)
-        rows = np.array([self._user_index.get(v, -1) for v in user_ids], dtype=np.int64)
+        rows = self._users.get_many(list(user_ids))
         known = rows >= 0
         indices = np.empty((len(rows), k), dtype=np.int64)
         scores = np.empty((len(rows), k), dtype=np.float32)
         indices[~known] = self.popular[:k]
         scores[~known] = self.popular_scores[:k]
         users = rows[known]
-        if len(users):
+        if len(users) and k <= self._list_width:
+            lists, list_scores = self._lists
+            assert lists is not None and list_scores is not None
+            indices[known], scores[known] = lists[users, :k], list_scores[users, :k]
+        elif len(users):
             idx, top = search_excluding(
                 self.index,
                 self._exact,

@@ -1,8 +1,10 @@
 """``tracktower serve`` and ``tracktower recommend``.
 
 ``serve`` resolves the model URI once in the parent process, so a missing alias or path is one
-error line (DataError, exit 2) instead of a traceback from every worker, and an alias is pinned to
-its concrete version so all workers load the same model even if the alias moves during startup.
+error line (DataError, exit 2) instead of a traceback from every worker, and downloads a registry
+model once for the host (``serving.resolve``'s cache). Every worker starts on the version resolved
+here (``model_start_version``), even if the alias moves during start-up, and then follows the
+alias (``model_poll_seconds``, see ``serving.swap``); a version-pinned URI or a path stays put.
 Options reach the workers as ``TRACKTOWER_*`` environment variables (see settings.py).
 
 Bad input (a missing model, a bad ``TRACKTOWER_*`` variable) is one ``error: <line>`` on stderr
@@ -14,19 +16,33 @@ binds 0.0.0.0): an exposed server with no authentication must be asked for expli
 ``--allow-unauthenticated`` or ``TRACKTOWER_ALLOW_UNAUTHENTICATED``. The check runs before the
 model is resolved, so the refusal is immediate. It lives here, not in the app: the app does not
 know the address it is bound to (``uvicorn --factory`` run by hand bypasses it).
+
+With ``--workers N`` (N > 1) the workers run under :class:`WorkerSupervisor` (uvicorn's, with a
+start-up allowance for loading the model) and share one multiprocess metrics directory, so any
+worker's ``/metrics`` counts them all (``serving/metrics.py``). ``uvicorn --factory --workers N``
+run by hand has neither. Each worker memory-maps the same artifact arrays, so the model's memory
+is shared through the page cache; what each worker holds alone is its heap, its known-user cache
+and a ScaNN index's own structures.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import pickle
+import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+from uvicorn.supervisors.multiprocess import logger as uvicorn_logger
 
 from tracktower.features.cli import guarded
 from tracktower.features.errors import DataError, one_line
+from tracktower.serving.metrics import mark_worker_dead
 from tracktower.serving.settings import Settings
 
 app = typer.Typer(
@@ -75,10 +91,8 @@ def serve(
     API keys come from $TRACKTOWER_API_KEYS (comma-separated), never from a flag: flags are
     visible to every user of the machine in the process list.
     """
-    import uvicorn
-
     from tracktower.serving.artifact import check_artifact
-    from tracktower.serving.resolve import resolve_artifact
+    from tracktower.serving.resolve import registry_alias, resolve_artifact
 
     overrides = {"host": host, "port": port, "workers": workers, "tracking_uri": tracking_uri}
     if allow_unauthenticated:
@@ -89,12 +103,21 @@ def serve(
     base = _settings()
     check_exposure(base)
     uri = model if model is not None else base.model_uri
-    resolved = resolve_artifact(uri, tracking_uri=base.tracking_uri)
+    resolved = resolve_artifact(
+        uri,
+        tracking_uri=base.tracking_uri,
+        cache_dir=base.model_cache_dir,
+        cache_keep=base.model_cache_keep,
+    )
     # Checked here, in the parent, so a bad artifact or index is one error line and exit 2
     # instead of every worker failing its start-up.
     check_artifact(resolved.path)
     pinned = f"models:/{resolved.name}/{resolved.version}" if uri.startswith("models:/") else uri
-    os.environ["TRACKTOWER_MODEL_URI"] = pinned
+    if registry_alias(uri) is not None:
+        os.environ["TRACKTOWER_MODEL_URI"] = uri
+        os.environ["TRACKTOWER_MODEL_START_VERSION"] = str(resolved.version)
+    else:
+        os.environ["TRACKTOWER_MODEL_URI"] = pinned
     settings = _settings()
     server = _server_options(settings)
     parser = "h11" if server["http"] == "h11" else "httptools"
@@ -104,14 +127,7 @@ def serve(
         f"on http://{settings.host}:{settings.port} ({parser}, {server['loop']}); {auth}",
         err=True,
     )
-    uvicorn.run(
-        "tracktower.serving.app:factory",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        **server,
-    )
+    run_server(settings, server)
 
 
 @app.command()
@@ -192,6 +208,178 @@ def _server_options(settings: Settings) -> dict[str, Any]:
         "limit_concurrency": settings.max_connections,
         "timeout_graceful_shutdown": settings.graceful_shutdown_seconds,
     }
+
+
+APP = "tracktower.serving.app:factory"
+
+
+def run_server(settings: Settings, server: dict[str, Any]) -> None:
+    """One worker: ``uvicorn.run``, metrics in the app's own registry. Several: the workers
+    under :class:`WorkerSupervisor`, metrics in a fresh multiprocess directory (see
+    ``serving/metrics.py``) created before the first worker starts and removed at exit."""
+    import uvicorn
+
+    from tracktower.serving.metrics import multiprocess_dir
+
+    options = {
+        "factory": True,
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "timeout_worker_healthcheck": settings.worker_healthcheck_timeout_seconds,
+        **server,
+    }
+    with multiprocess_dir(settings.workers):
+        if settings.workers == 1:
+            uvicorn.run(APP, **options)
+        else:
+            config = uvicorn.Config(APP, **options)
+            if not run_workers(config, settings.worker_startup_timeout_seconds):
+                raise typer.Exit(STARTUP_FAILURE)
+
+
+def run_workers(config: Any, startup_timeout: float) -> bool:
+    """What ``uvicorn.run`` does for several workers, with the supervisor below; False when a
+    worker failed to start (a broken app or model would fail every restart the same way)."""
+    supervisor = WorkerSupervisor(config, [config.bind_socket()], startup_timeout)
+    supervisor.run()
+    return not supervisor.startup_failed
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's worker supervisor, with a start-up allowance.
+
+    uvicorn pings each worker every half second and kills one that does not answer within
+    ``timeout_worker_healthcheck`` (5 s), from the moment it is spawned. The answer comes from a
+    thread of the worker, which needs the GIL: while the worker imports its modules and loads
+    the model (TensorFlow's import and other C code hold the GIL for seconds on a busy machine)
+    it cannot answer, so uvicorn killed a loading worker again and again. Here a worker that has
+    not started serving yet is only asked, never waited for, and is given
+    ``startup_timeout`` seconds (``worker_startup_timeout_seconds``) to become ready; once it
+    serves, uvicorn's health check applies unchanged. At most one ping is outstanding per
+    starting worker, so the answers a slow worker owes do not pile up and answer later pings
+    with a stale "not started". A worker that exits is also taken out of the metrics' live
+    gauges (``mark_worker_dead``).
+    """
+
+    def __init__(self, config: Any, sockets: list[Any], startup_timeout: float) -> None:
+        super().__init__(config, sockets)
+        self.startup_timeout = startup_timeout
+        self.startup_failed = False
+        self._since: dict[Process, float] = {}  # starting worker -> when it was first seen
+        self._ready: set[Process] = set()
+        self._unanswered: set[Process] = set()  # a ping sent whose answer is not read yet
+
+    def keep_subprocess_alive(self) -> None:
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if self._healthy(process):
+                continue
+            process.kill()
+            process.join()
+            self._forget(process)
+            if process.exitcode == STARTUP_FAILURE:
+                uvicorn_logger.error(
+                    f"Child process [{process.pid}] failed to start, stopping the parent process."
+                )
+                self.startup_failed = True
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            uvicorn_logger.info(f"Child process [{process.pid}] died")
+            replacement = Process(self.config, self.sockets)
+            replacement.start()
+            self.processes[idx] = replacement
+
+    def restart_all(self) -> None:
+        """SIGHUP: uvicorn's rolling restart, each replacement given the start-up allowance."""
+        for idx, old in enumerate(self.processes):
+            if self._exit_requested():
+                return
+            new = Process(self.config, self.sockets)
+            new.start()
+            if not self._wait_until_ready(new):
+                new.kill()
+                new.join()
+                self._forget(new)
+                if not self._exit_requested():
+                    uvicorn_logger.error(
+                        f"New child process [{new.pid}] was not ready in time; "
+                        f"keeping worker [{old.pid}] and aborting the restart."
+                    )
+                return
+            old.terminate()
+            old.join()
+            self._forget(old)
+            self.processes[idx] = new
+
+    def handle_ttou(self) -> None:
+        before = list(self.processes)
+        super().handle_ttou()
+        for process in before:
+            if process not in self.processes:
+                self._forget(process)
+
+    def _healthy(self, process: Process) -> bool:
+        """Alive and answering (serving), or alive and still within its start-up allowance."""
+        if process in self._ready:
+            return process.is_alive(timeout=self.config.timeout_worker_healthcheck)
+        if not process.process.is_alive():
+            return False
+        since = self._since.setdefault(process, time.monotonic())
+        if self._probe(process, wait=0) is True:
+            self._mark_ready(process)
+            return True
+        if time.monotonic() < since + self.startup_timeout:
+            return True
+        uvicorn_logger.error(
+            f"Child process [{process.pid}] did not start serving within "
+            f"{self.startup_timeout:g} s (worker_startup_timeout_seconds); replacing it"
+        )
+        return False
+
+    def _wait_until_ready(self, process: Process) -> bool:
+        self._since[process] = time.monotonic()
+        deadline = self._since[process] + self.startup_timeout
+        while time.monotonic() < deadline and not self._exit_requested():
+            if not process.process.is_alive():
+                return False
+            if self._probe(process, wait=0.5) is True:
+                self._mark_ready(process)
+                return True
+        return False
+
+    def _probe(self, process: Process, wait: float) -> bool | None:
+        """The worker's "started" flag, or None when its answer has not come (yet)."""
+        conn = process.parent_conn
+        try:
+            if process not in self._unanswered:
+                conn.send(b"ping")
+                self._unanswered.add(process)
+            if not conn.poll(wait):
+                return None
+            started: bool = conn.recv()
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+        self._unanswered.discard(process)
+        return started
+
+    def _mark_ready(self, process: Process) -> None:
+        took = time.monotonic() - self._since.pop(process, time.monotonic())
+        self._ready.add(process)
+        uvicorn_logger.info(f"Child process [{process.pid}] serving after {took:.1f} s")
+
+    def _forget(self, process: Process) -> None:
+        self._since.pop(process, None)
+        self._ready.discard(process)
+        self._unanswered.discard(process)
+        mark_worker_dead(process.pid)
+
+    def _exit_requested(self) -> bool:
+        stop = (signal.SIGINT, signal.SIGTERM)
+        return self.should_exit.is_set() or any(sig in stop for sig in self.signal_queue)
 
 
 def _settings() -> Settings:

@@ -45,6 +45,8 @@ class Serving:
 
 
 async def get_serving(request: Request) -> Serving:
+    """The model bundle, read from ``app.state`` once per request: a hot swap replaces it
+    (``serving/swap.py``), and a request in flight finishes on the one it took."""
     serving: Serving | None = request.app.state.serving
     if serving is None:
         raise ApiError(503, "not_ready", "model is not loaded yet")

@@ -14,7 +14,83 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tracktower.serving.schemas import ErrorResponse
+
 log = logging.getLogger(__name__)
+
+# What each error status means here, for the OpenAPI document: routes list theirs through
+# ``documented``, and ``serving.docs`` adds the ones the middleware can answer on any route.
+DESCRIPTIONS: dict[int, str] = {
+    400: "malformed_json: the body is not valid JSON.",
+    401: "unauthorized: no configured API key in 'Authorization: Bearer KEY' or 'X-API-Key'.",
+    404: "not_found: no such path; for this route, user_id is empty, holds a '/', or is '.' "
+    "or '..' (which clients resolve as path segments): send such ids in a POST body.",
+    413: "payload_too_large: the body is over max_body_bytes ({max_body_bytes} bytes here).",
+    422: "A value breaks a constraint stated in this document (invalid_request, invalid_id, "
+    "out_of_range, too_many_items); `field` names it, e.g. 'user_ids[3]'.",
+    431: "request_header_fields_too_large: more than max_headers ({max_headers}) header fields, "
+    "or request line and headers over max_header_bytes ({max_header_bytes} bytes here).",
+    500: "internal_error: an unexpected failure; details go to the server log, never here.",
+    503: "busy: the server is at max_connections connections or requests in progress "
+    "(answered by `tracktower serve`'s HTTP protocol). Retry-After says when to try again.",
+    504: "deadline_exceeded: not scored within request_timeout_seconds; send fewer user_ids.",
+}
+NOT_READY_503 = (
+    "not_ready: the model is still loading; busy: the server is at max_connections. "
+    "Retry-After says when to try again."
+)
+BATCH_503 = (
+    "not_ready: the model is still loading; busy: max_concurrent_batches batches are already "
+    "in progress, or the server is at max_connections. Retry-After says when to try again."
+)
+# One example body per status, so the docs show the code each one carries; ``{setting}`` in a
+# message or a description is the setting's value.
+_EXAMPLES: dict[int, tuple[str, str, str | None]] = {
+    400: ("malformed_json", "request body is not valid JSON: Expecting value", None),
+    404: ("not_found", "Not Found", None),
+    413: ("payload_too_large", "request body over {max_body_bytes} bytes", None),
+    422: ("out_of_range", "k must be between 1 and {max_k}", "k"),
+    431: ("request_header_fields_too_large", "more than {max_headers} header fields", None),
+    500: ("internal_error", "internal server error", None),
+    503: ("not_ready", "model is not loaded yet", None),
+    504: (
+        "deadline_exceeded",
+        "batch of {max_batch_users} users not scored within {request_timeout_seconds:g} s "
+        "(request_timeout_seconds); send fewer user_ids per request",
+        None,
+    ),
+}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "required": True,
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
+}
+
+
+def error_example(status: int, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """An example body for ``status`` with these ``settings`` values, or None for none."""
+    if status not in _EXAMPLES:
+        return None
+    code, message, field = _EXAMPLES[status]
+    return {"error": {"code": code, "message": message.format_map(settings), "field": field}}
+
+
+def documented(
+    *statuses: int, overrides: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """FastAPI ``responses=`` entries in the JSON error shape for ``statuses``, described as in
+    ``DESCRIPTIONS`` unless ``overrides`` says more for this route; a 503 has Retry-After.
+    (Their example bodies are added by ``serving.docs``: FastAPI would drop their nulls.)"""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        text = (overrides or {}).get(status, DESCRIPTIONS[status])
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": text}
+        if status == 503:
+            entry["headers"] = RETRY_AFTER
+        responses[status] = entry
+    return responses
 
 
 class ApiError(Exception):

@@ -1,7 +1,10 @@
 """The TensorFlow side of loading an artifact: the history tower for users the model never saw.
 
 Everything else in the artifact is read by ``tracktower.features.artifact``; this is kept apart so
-that readers which never score by history (batch, the pyfunc) do not import TensorFlow.
+that readers which never score by history (batch, the pyfunc) do not import TensorFlow. The
+SavedModel takes the pooled history (the mean of ``history_embeddings`` rows, computed by the
+caller from the memory-mapped array) and holds no embedding table, so it is small in every
+worker.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from tracktower.features.artifact import (
 from tracktower.features.errors import DataError
 
 
-def load_history_tower(path: Path) -> Callable[[list[str]], np.ndarray]:
-    """``track ids → query embedding`` through the SavedModel's history signature."""
+def load_history_tower(path: Path, history_dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``pooled history [history_dim] → query embedding`` through the SavedModel's signature."""
     from tracktower.features.tf import tf
 
     saved = Path(path) / SAVED_MODEL_DIR
@@ -31,9 +34,17 @@ def load_history_tower(path: Path) -> Callable[[list[str]], np.ndarray]:
     if HISTORY_SIGNATURE not in loaded.signatures:
         raise DataError(f"saved_model has no '{HISTORY_SIGNATURE}' signature", path=saved)
     fn = loaded.signatures[HISTORY_SIGNATURE]
+    spec = fn.structured_input_signature[1].get(HISTORY_INPUT)
+    if spec is None or spec.shape.as_list()[-1] != history_dim:
+        raise DataError(
+            f"saved_model signature '{HISTORY_SIGNATURE}' does not take {HISTORY_INPUT} "
+            f"[batch, {history_dim}] (history_dim in the manifest)",
+            path=saved,
+        )
 
-    def query(track_ids: list[str]) -> np.ndarray:
-        out = fn(**{HISTORY_INPUT: tf.constant([track_ids], dtype=tf.string)})
+    def query(pooled: np.ndarray) -> np.ndarray:
+        batch = tf.constant(np.asarray(pooled, dtype=np.float32).reshape(1, -1))
+        out = fn(**{HISTORY_INPUT: batch})
         return np.asarray(out[HISTORY_OUTPUT].numpy()[0], dtype=np.float32)
 
     query.keep_alive = loaded  # type: ignore[attr-defined]  # the signature needs its module alive

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with the two limits uvicorn lacks: head size and read time.
+"""uvicorn's httptools protocol with the two limits uvicorn lacks (head size, read time) and a
+JSON answer when the server is over its connection limit.
 
 uvicorn 0.54 with httptools has no limit on the size of a request head (httptools buffers a
 header value until it ends, so five unfinished 20 MB headers held 141 MB) and no read timeout:
@@ -17,6 +18,10 @@ This subclass adds, per connection:
   within that time of its first byte (of the connection opening, for the first request). A head
   still incomplete then gets 408; a body still incomplete closes the connection (the handler
   waiting for it sees a disconnect); a connection that never sent a byte is closed.
+* the answer over ``limit_concurrency`` (``max_connections``): uvicorn's own 503 is plain text
+  ("Service Unavailable"); here it is 503 ``busy`` in the JSON error shape with ``Retry-After``,
+  still closing the connection (that frees a slot). The request never reaches the app, so it is
+  not in ``/metrics``; uvicorn logs a warning for each.
 
 The deadline covers receiving only; handling time is the route's business (see the batch
 deadline in ``routers/recommendations.py``), idle time between requests uvicorn's keep-alive
@@ -33,13 +38,20 @@ import logging
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from tracktower.serving.limits import HEADERS_TOO_LARGE
 from tracktower.serving.settings import Settings
 
 log = logging.getLogger(__name__)
+
+BUSY_RETRY_AFTER_SECONDS = 1
 
 
 @functools.cache
@@ -115,6 +127,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_message and self._read_timer is None and not self.transport.is_closing():
             self._arm_read_timer()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if app is service_unavailable:  # uvicorn chose it: over limit_concurrency
+            app = self._busy
+        super()._start_asgi_task(cycle, app)
+
+    async def _busy(self, scope: Any, receive: Any, send: Any) -> None:
+        """uvicorn's ``service_unavailable`` in the JSON error shape."""
+        message = (
+            f"the server is at its limit of {self.limit_concurrency} concurrent connections "
+            "or requests; retry shortly"
+        )
+        body = json.dumps({"error": {"code": "busy", "message": message, "field": None}})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode("ascii")),
+            (b"retry-after", str(BUSY_RETRY_AFTER_SECONDS).encode("ascii")),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode("ascii")})
+
     def _arm_read_timer(self) -> None:
         self._cancel_read_timer()
         self._read_timer = self.loop.call_later(self.read_timeout, self._read_timed_out)
@@ -148,10 +181,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             self.transport.write(STATUS_LINE[status] + head + body.encode("ascii"))
         self.transport.close()
-
-
-# The protocol as uvicorn's ``http`` option (an import path, so that every worker can load it).
-PROTOCOL = f"{__name__}:{LimitedHttpToolsProtocol.__qualname__}"
 
 
 # The protocol as uvicorn's ``http`` option (an import path, so that every worker can load it).

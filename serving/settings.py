@@ -7,7 +7,9 @@ factory reads them back here.
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -16,6 +18,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # An API key is a bearer token (RFC 6750's token68 characters) long enough not to be guessed.
 MIN_API_KEY_LENGTH = 16
 _API_KEY = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def default_model_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/tracktower/models``, else ``~/.cache/tracktower/models``."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tracktower" / "models"
 
 
 class Settings(BaseSettings):
@@ -30,6 +38,14 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
+    # With workers > 1: how long a starting worker may take to load its model and start serving
+    # before the supervisor gives up on it (kills and replaces it). While it starts it is not
+    # held to the health-check timeout below, which a load holding the GIL (TensorFlow's import,
+    # a busy machine) easily exceeds.
+    worker_startup_timeout_seconds: float = Field(default=300.0, gt=0)
+    # With workers > 1, once a worker serves: it must answer the supervisor's ping within this
+    # many seconds or it is killed and replaced (uvicorn's timeout_worker_healthcheck).
+    worker_healthcheck_timeout_seconds: int = Field(default=5, ge=1)
 
     max_k: int = Field(default=100, ge=1)
     default_k: int = Field(default=10, ge=1)
@@ -77,7 +93,8 @@ class Settings(BaseSettings):
     # An idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive).
     keep_alive_timeout_seconds: int = Field(default=5, ge=1)
     # uvicorn's limit_concurrency, per worker: over this many open connections or requests in
-    # progress, a new request gets uvicorn's own 503 (plain text). None: no limit.
+    # progress, a new request gets 503 busy (JSON, Retry-After; serving/protocol.py) and its
+    # connection is closed. None: no limit.
     max_connections: int | None = Field(default=1000, ge=1)
     # On SIGTERM, requests in flight get this long to finish before they are cancelled.
     graceful_shutdown_seconds: int = Field(default=15, ge=0)
@@ -92,6 +109,23 @@ class Settings(BaseSettings):
     # providers). Off by default: Prometheus (/metrics) is the monitoring here, and the per-request
     # checks cost ~20 us even with no provider configured.
     opentelemetry: bool = False
+
+    # --- following the model's alias, and the per-host model cache (see serving/swap.py) ---
+    # Seconds between looks at the alias of a models:/NAME@ALIAS model_uri; when it has moved,
+    # the new version is loaded and checked off the request path and swapped in. 0 disables
+    # it; a version-pinned URI, a run or a local path is never polled.
+    model_poll_seconds: float = Field(default=30.0, ge=0)
+    # A new version whose index recall@100 (measured at export, in the manifest) is below this
+    # is refused; the default is export's own floor (features.index.DEFAULT_RECALL_FLOOR).
+    model_recall_floor: float = Field(default=0.95, gt=0, le=1)
+    # Where registry versions are downloaded, once per host (serving/resolve.py).
+    model_cache_dir: Path = Field(default_factory=default_model_cache_dir)
+    # Versions kept per registered model in model_cache_dir, most recently used first.
+    model_cache_keep: int = Field(default=3, ge=1)
+    # The version of the alias to load first (`tracktower serve` sets it to what it resolved,
+    # so every worker starts on the same version even if the alias moves meanwhile); the
+    # alias is followed from there.
+    model_start_version: str | None = Field(default=None, pattern=r"^\d+$")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -119,6 +153,11 @@ class Settings(BaseSettings):
                     "print(secrets.token_urlsafe(32))')"
                 )
         return tuple(keys)
+
+    @field_validator("model_cache_dir", mode="after")
+    @classmethod
+    def _expand_cache_dir(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @property
     def auth_enabled(self) -> bool:

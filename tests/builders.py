@@ -1,7 +1,9 @@
 """Fake export artifacts for serving tests: written through the artifact contract, seeded, small.
 
-The optional SavedModel is a real TensorFlow module whose ``query_from_history`` mean-pools the
-track embedding table, so a "session" recommendation can be checked against plain numpy. Every
+With a history tower, ``history_embeddings`` is the track embedding table and the SavedModel is a
+real TensorFlow module whose ``query_from_pooled_history`` returns the pooled history unchanged,
+so a "session" recommendation (the mean of the recent tracks' rows) can be checked against plain
+numpy. Every
 artifact carries a retrieval index built by ``features.index.build_index`` (exact unless the
 caller forces another backend, e.g. ScaNN on a catalogue far below the ``auto`` crossover).
 """
@@ -18,6 +20,7 @@ import scipy.sparse as sp
 
 from tracktower.features.artifact import (
     FORMAT_VERSION,
+    HISTORY_ARRAY,
     HISTORY_INPUT,
     HISTORY_OUTPUT,
     HISTORY_SIGNATURE,
@@ -26,7 +29,7 @@ from tracktower.features.artifact import (
     write_artifact,
 )
 from tracktower.features.dataset import popularity_order
-from tracktower.features.index import IndexInfo, RetrievalIndex, build_index
+from tracktower.features.index import IndexInfo, RetrievalIndex, build_index, top_lists
 
 SEED = 20240611
 _CACHE: dict[tuple[Any, ...], Path] = {}
@@ -95,6 +98,7 @@ def fake_manifest(
         metrics={"test_recall_at_10": 0.25, "test_ndcg_at_10": 0.125},
         embedding_dim=dim,
         has_history_tower=with_history_tower,
+        history_dim=dim if with_history_tower else None,
         num_users=n_users,
         num_tracks=n_tracks,
         libraries={"numpy": np.__version__},
@@ -130,9 +134,11 @@ def write_fake_artifact(
     integer: bool = False,
     index_backend: str = "exact",
     index_params: dict[str, Any] | None = None,
+    known_top_k: int = 0,
 ) -> Path:
     """An artifact at ``dir`` (must not exist), written through ``features.artifact``, with an
-    ``index_backend`` index (``index_params`` override ScaNN's defaults)."""
+    ``index_backend`` index (``index_params`` override ScaNN's defaults) and, when
+    ``known_top_k``, known users' lists precomputed that wide (as the export does)."""
     arrays = fake_arrays(n_users, n_tracks, dim, seed, integer=integer)
     index, info = fake_index(arrays, index_backend, **(index_params or {}))
     # Every 10th track has no metadata row, as for tracks missing from the catalog.
@@ -156,7 +162,24 @@ def write_fake_artifact(
     )
 
     def save_towers(path: Path) -> None:
-        _save_towers(path, arrays)
+        _save_towers(path, dim)
+
+    if with_history_tower:
+        arrays[HISTORY_ARRAY.name] = arrays["track_embeddings"]
+    if known_top_k:
+        seen = sp.csr_matrix(
+            (
+                np.ones(len(arrays["seen_indices"]), np.float32),
+                arrays["seen_indices"],
+                arrays["seen_indptr"],
+            ),
+            shape=(n_users, n_tracks),
+        )
+        lists = top_lists(
+            index, arrays["track_embeddings"], arrays["user_embeddings"], known_top_k, seen
+        )
+        arrays["known_top_indices"], arrays["known_top_scores"] = lists
+        manifest = manifest.model_copy(update={"known_top_k": known_top_k})
 
     return write_artifact(
         dir,
@@ -168,30 +191,17 @@ def write_fake_artifact(
     )
 
 
-def _save_towers(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """A SavedModel with the contract's one signature; it mean-pools the track embeddings."""
+def _save_towers(path: Path, dim: int) -> None:
+    """A SavedModel with the contract's one signature: the query is the pooled history."""
     from tracktower.features.tf import tf
 
-    init = tf.lookup.KeyValueTensorInitializer(
-        tf.constant(arrays["track_ids"]), tf.range(len(arrays["track_ids"]), dtype=tf.int64)
-    )
-
     class Towers(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.track_table = tf.lookup.StaticHashTable(init, default_value=-1)
-            self.track_embeddings = tf.Variable(arrays["track_embeddings"], trainable=False)
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None], tf.string, name=HISTORY_INPUT)])
-        def query_from_history(self, track_ids: Any) -> dict[str, Any]:
-            idx = self.track_table.lookup(track_ids)
-            mask = tf.cast(idx >= 0, tf.float32)
-            vectors = tf.gather(self.track_embeddings, tf.maximum(idx, 0)) * mask[..., None]
-            count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
-            return {HISTORY_OUTPUT: tf.reduce_sum(vectors, axis=1) / count}
+        @tf.function(input_signature=[tf.TensorSpec([None, dim], tf.float32, name=HISTORY_INPUT)])
+        def query_from_pooled_history(self, pooled: Any) -> dict[str, Any]:
+            return {HISTORY_OUTPUT: tf.identity(pooled)}
 
     towers = Towers()
-    signature = towers.query_from_history
+    signature = towers.query_from_pooled_history
     tf.saved_model.save(
         towers,
         str(path),

@@ -1,8 +1,17 @@
-"""Shared fixtures: the licensed real data next to the repository, and a tiny in-code dataset."""
+"""Shared fixtures: the licensed real data next to the repository, and a tiny in-code dataset.
+
+Training checkpoints (``train.checkpoints``) and the server's downloaded registry models
+(``model_cache_dir``) default to the user's cache directory; the tests, their subprocesses
+included, write them to a directory of their own, removed at the end.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +19,29 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
+_CHECKPOINTS = tempfile.mkdtemp(prefix="tracktower-tests-cache-")
+os.environ["TRACKTOWER_CHECKPOINT_DIR"] = str(Path(_CHECKPOINTS) / "checkpoints")
+os.environ["TRACKTOWER_MODEL_CACHE_DIR"] = str(Path(_CHECKPOINTS) / "models")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CHECKPOINTS, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Handlers added during a test are removed after it: the CLI's ``basicConfig`` and
+    ``uvicorn.Config`` bind handlers to the sys.stderr of the moment, which is pytest's (or
+    CliRunner's) capture of that one test, closed afterwards; a later test logging through them
+    would write to a closed stream and break pytest's own reporting."""
+    names = ("", "uvicorn", "uvicorn.error", "uvicorn.access")
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,23 @@ class EarlyStoppingConfig(_Strict):
     patience: int = Field(2, ge=1)
 
 
+class CheckpointConfig(_Strict):
+    """Where Keras's ``BackupAndRestore`` keeps each run's state after every epoch, and how long
+    the state of runs that died is kept (see :mod:`tracktower.training.checkpoints`).
+
+    The directory must outlive the process and the machine's temp cleaner, so it defaults to the
+    user's cache (``$TRACKTOWER_CHECKPOINT_DIR`` when set and ``dir`` is not). None of this changes
+    what a run learns: it is left out of the key that identifies a run's checkpoints.
+    """
+
+    enabled: bool = True
+    dir: Path | None = None
+    # State of runs that died (kept for resuming): the newest keep_failed stay, unless older than
+    # max_age_days; a run that finishes removes its own.
+    keep_failed: int = Field(3, ge=0)
+    max_age_days: float = Field(14.0, gt=0.0)
+
+
 class TrainConfig(_Strict):
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(0.003, gt=0.0)
@@ -118,6 +135,7 @@ class TrainConfig(_Strict):
     seed: int = 42
     # Validation users scored per epoch (a seeded sample keeps epochs fast on big data).
     max_val_users: int = Field(5000, ge=1)
+    checkpoints: CheckpointConfig = CheckpointConfig()
 
     @field_validator("batch_size")
     @classmethod
@@ -162,6 +180,11 @@ class IndexConfig(_Strict):
     backend: Literal["auto", "exact", "scann"] = "auto"
     recall_floor: float = Field(DEFAULT_RECALL_FLOOR, gt=0.0, le=1.0)
     sample_users: int = Field(MIN_SAMPLE, ge=MIN_SAMPLE)
+    # Every known user's top list (seen tracks excluded) searched through the index at export
+    # and stored in the artifact, this wide: a server answers any k up to it with a slice of a
+    # shared memory map, never a search (4 + 4 bytes per user and slot: 800 MB at 1M users and
+    # 100). 0: none, each known user is searched on first request. Match the server's max_k.
+    known_top_k: int = Field(100, ge=0)
 
 
 class ExperimentConfig(_Strict):

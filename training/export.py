@@ -1,12 +1,13 @@
 """Export a trained model as an artifact (``tracktower.features.artifact``), the one serving loads.
 
 Heavy work happens here, once: every known user's query embedding and every candidate embedding is
-computed at export, so the server answers known users with one matrix-vector product and never calls
-TensorFlow for them. The SavedModel holds only what cannot be precomputed, the history tower for
-users the model has never seen (raw track ids in, query embedding out); its ``StringLookup`` carries
-the track vocabulary, so raw ids mean the same indices as in training. Ranking is not in the
-SavedModel: every caller searches the retrieval index built here (``features.index``), seen tracks
-excluded.
+computed at export, so the server answers known users with one index search and never calls
+TensorFlow for them. For users the model has never seen, the query tower is split at its pooling:
+the history's track table is exported as the array ``history_embeddings`` (memory-mapped and
+shared by every server process, where a SavedModel variable would be restored into each one) and
+the SavedModel holds only the rest of the tower (pooled history in, query embedding out). Ranking
+is not in the SavedModel: every caller searches the retrieval index built here
+(``features.index``), seen tracks excluded.
 
 The index is built from the track embeddings and measured before anything is written: its
 recall@10/@100 against exact search on the real query vectors of a seeded sample of known users
@@ -30,33 +31,46 @@ import scipy.sparse as sp
 
 from tracktower.features import artifact
 from tracktower.features.dataset import popularity, popularity_order
-from tracktower.features.index import IndexInfo, RetrievalIndex, build_index
+from tracktower.features.index import IndexInfo, RetrievalIndex, build_index, top_lists
 from tracktower.features.tf import tf
 from tracktower.training import evaluate
 from tracktower.training.config import IndexConfig
-from tracktower.training.model import TwoTowerModel
+from tracktower.training.model import TwoTowerModel, query_head
 
 _LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-recommenders", "mlflow", "numpy", "tracktower")
 
 
 class HistoryModule(tf.Module):
-    """Raw track ids → indices → query tower, with the user id hidden (index 0, the OOV row)."""
+    """Pooled history → the rest of the query tower, with the user id hidden (the OOV user row,
+    copied: the SavedModel holds the MLP and that one row, no embedding table)."""
 
-    def __init__(self, model: TwoTowerModel, track_ids: np.ndarray) -> None:
+    def __init__(self, model: TwoTowerModel) -> None:
         super().__init__()
-        self.track_lookup = tf.keras.layers.StringLookup(
-            vocabulary=list(track_ids), num_oov_indices=1
+        tower = model.query_tower
+        self.cfg = tower.cfg
+        self.mlp = tower.mlp
+        self.oov_user = (
+            tf.Variable(tower.user_embedding.embeddings[0], trainable=False, name="oov_user")
+            if tower.user_embedding is not None
+            else None
         )
-        self.query_tower = model.query_tower
+        width = model.cfg.embedding_dim
+        self.query_from_pooled_history = tf.function(
+            self._query,
+            input_signature=[tf.TensorSpec([None, width], tf.float32, name=artifact.HISTORY_INPUT)],
+        )
 
-    @tf.function(
-        input_signature=[tf.TensorSpec([None, None], tf.string, name=artifact.HISTORY_INPUT)]
-    )
-    def query_from_history(self, track_ids: tf.Tensor) -> dict[str, tf.Tensor]:
-        # "" padding and unknown tracks both map to index 0, which the pooling masks out.
-        history = tf.cast(self.track_lookup(track_ids), tf.int32)
-        user = tf.zeros(tf.shape(history)[:1], tf.int32)
-        return {artifact.HISTORY_OUTPUT: self.query_tower({"user": user, "history": history})}
+    def _query(self, pooled: tf.Tensor) -> dict[str, tf.Tensor]:
+        user = None
+        if self.oov_user is not None:
+            user = tf.tile(self.oov_user[None, :], [tf.shape(pooled)[0], 1])
+        return {artifact.HISTORY_OUTPUT: query_head(self.cfg, self.mlp, user, pooled)}
+
+
+def history_table(model: TwoTowerModel) -> np.ndarray:
+    """The query tower's track table, row i = track index i (the OOV row dropped)."""
+    table = model.query_tower.track_embedding.embeddings.numpy()
+    return np.ascontiguousarray(table[1:], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,13 @@ def _arrays(inputs: ExportInputs) -> dict[str, np.ndarray]:
     counts = popularity(known)
     order = popularity_order(counts)
     users = np.arange(len(inputs.user_ids))
+    history = (
+        {artifact.HISTORY_ARRAY.name: history_table(inputs.model)}
+        if inputs.model.cfg.use_history
+        else {}
+    )
     return {
+        **history,
         "track_ids": np.asarray(inputs.track_ids, dtype=str),
         "track_embeddings": evaluate.track_embeddings(inputs.model),
         "user_ids": np.asarray(inputs.user_ids, dtype=str),
@@ -139,6 +159,24 @@ def build_retrieval_index(
     )
 
 
+def known_top_lists(
+    index: RetrievalIndex, arrays: dict[str, np.ndarray], width: int
+) -> dict[str, np.ndarray]:
+    """Every known user's top ``width`` (seen excluded) for KNOWN_TOP_ARRAYS."""
+    seen = sp.csr_matrix(
+        (
+            np.ones(len(arrays["seen_indices"]), np.float32),
+            arrays["seen_indices"],
+            arrays["seen_indptr"],
+        ),
+        shape=(len(arrays["user_ids"]), len(arrays["track_ids"])),
+    )
+    indices, scores = top_lists(
+        index, arrays["track_embeddings"], arrays["user_embeddings"], width, seen
+    )
+    return {"known_top_indices": indices, "known_top_scores": scores}
+
+
 def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
     """Write the artifact at ``out_dir`` (must not exist; written atomically) and return it with
     its index's description. The index is built and measured first: a failing one writes
@@ -146,6 +184,11 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
     model = inputs.model
     arrays = _arrays(inputs)
     index, info = build_retrieval_index(arrays, inputs.index, inputs.seed)
+    width = min(inputs.index.known_top_k, len(inputs.track_ids))
+    if width and len(inputs.user_ids):
+        arrays.update(known_top_lists(index, arrays, width))
+    else:
+        width = 0
     manifest = artifact.Manifest.model_validate(
         {
             **inputs.manifest,
@@ -153,16 +196,18 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "embedding_dim": int(arrays["track_embeddings"].shape[1]),
             "has_history_tower": bool(model.cfg.use_history),
+            "history_dim": model.cfg.embedding_dim if model.cfg.use_history else None,
             "num_users": len(inputs.user_ids),
             "num_tracks": len(inputs.track_ids),
             "libraries": _library_versions(),
             "index": info.to_dict(),
+            "known_top_k": width,
         }
     )
-    module = HistoryModule(model, inputs.track_ids)
+    module = HistoryModule(model)
 
     def save(path: Path) -> None:
-        signature = module.query_from_history
+        signature = module.query_from_pooled_history
         tf.saved_model.save(
             module,
             str(path),
@@ -174,7 +219,7 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
         manifest=manifest,
         arrays=arrays,
         tracks=_track_metadata(inputs.track_ids, inputs.tracks),
-        saved_model=save,
+        saved_model=save if model.cfg.use_history else None,
         index=index,
     )
     return Exported(path, info)

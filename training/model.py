@@ -59,24 +59,38 @@ class QueryTower(tf.keras.Model):
         )
 
     def call(self, inputs: dict[str, tf.Tensor], training: bool = False) -> tf.Tensor:
-        parts = []
-        if self.user_embedding is not None:
-            parts.append(self.user_embedding(inputs["user"]))
-        if self.cfg.use_history:
-            history = inputs["history"]
-            mask = tf.cast(tf.greater(history, 0), tf.float32)
-            emb = self.track_embedding(history) * tf.expand_dims(mask, -1)
-            count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
-            parts.append(tf.reduce_sum(emb, axis=1) / count)
-        x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
-        if self.mlp is not None:
-            x = self.mlp(x, training=training)
-        x = tf.cast(x, tf.float32)
-        x = tf.math.l2_normalize(x, axis=-1) if self.cfg.normalize else x
-        if self.cfg.track_bias:
-            # The constant 1 meets the candidate's bias column: see CandidateTower.
-            x = tf.concat([x, tf.ones_like(x[:, :1])], axis=-1)
-        return x
+        user = self.user_embedding(inputs["user"]) if self.user_embedding is not None else None
+        pooled = self.pool(inputs["history"]) if self.cfg.use_history else None
+        return query_head(self.cfg, self.mlp, user, pooled, training=training)
+
+    def pool(self, history: tf.Tensor) -> tf.Tensor:
+        """Masked mean of the history's track embeddings (padding, index 0, left out); the
+        export stores this table as an array so a server pools a session in numpy."""
+        mask = tf.cast(tf.greater(history, 0), tf.float32)
+        emb = self.track_embedding(history) * tf.expand_dims(mask, -1)
+        count = tf.maximum(tf.reduce_sum(mask, axis=1, keepdims=True), 1.0)
+        return tf.reduce_sum(emb, axis=1) / count
+
+
+def query_head(
+    cfg: ModelConfig,
+    mlp: tf.keras.Sequential | None,
+    user: tf.Tensor | None,
+    pooled: tf.Tensor | None,
+    training: bool = False,
+) -> tf.Tensor:
+    """The query tower after its lookups: the exported SavedModel is this function with the
+    user id hidden (the OOV user row), so it holds no embedding table of its own."""
+    parts = [p for p in (user, pooled) if p is not None]
+    x = parts[0] if len(parts) == 1 else tf.concat(parts, axis=-1)
+    if mlp is not None:
+        x = mlp(x, training=training)
+    x = tf.cast(x, tf.float32)
+    x = tf.math.l2_normalize(x, axis=-1) if cfg.normalize else x
+    if cfg.track_bias:
+        # The constant 1 meets the candidate's bias column: see CandidateTower.
+        x = tf.concat([x, tf.ones_like(x[:, :1])], axis=-1)
+    return x
 
 
 class CandidateTower(tf.keras.Model):

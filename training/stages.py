@@ -32,7 +32,7 @@ from tracktower.features import artifact as contract
 from tracktower.features.dataset import Encoded, reindex
 from tracktower.features.errors import DataError
 from tracktower.features.index import ExactIndex, IndexInfo, RetrievalIndex, search_excluding
-from tracktower.training import champion, tracking
+from tracktower.training import champion, checkpoints, tracking
 from tracktower.training.config import ExperimentConfig, PromotionConfig, flatten
 from tracktower.training.data import Prepared, prepare
 
@@ -178,19 +178,26 @@ def popularity_baseline(
         return str(run.info.run_id), metrics
 
 
-def fit(cfg: ExperimentConfig, data: Prepared) -> tuple[FitResult, float]:
+def fit(
+    cfg: ExperimentConfig, data: Prepared, checkpoint_dir: Path | None = None
+) -> tuple[FitResult, float]:
     """Train inside the active run; returns the result and its wall time in seconds.
 
     Per-epoch values are logged as ``epoch_*`` curves; the plain ``val_*`` columns are those of
     the epoch whose weights are kept, so the runs table compares the models that were exported.
+    The run's tags say where its per-epoch backups go (``checkpoint_dir``; none when None).
     """
     from tracktower.training.train import fit as fit_model
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         tracking.log_metrics(row, prefix="epoch_", step=epoch)
 
+    if checkpoint_dir is not None:
+        tracking.set_tags({checkpoints.DIR_TAG: str(checkpoint_dir)})
     started = time.perf_counter()
-    result = fit_model(cfg, data.encoded, data.track_artist, on_epoch=on_epoch)
+    result = fit_model(
+        cfg, data.encoded, data.track_artist, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch
+    )
     seconds = time.perf_counter() - started
     tracking.log_params_flat(
         {"resolved.batch_size": result.batch_size, "resolved.strategy": result.strategy}
@@ -269,7 +276,10 @@ def evaluate_artifact(
     rows = np.flatnonzero(np.diff(truth.indptr) + unknown > 0)
     if len(rows) == 0:
         return {}
-    top = search_index(index, arrays, max(ks), exclude, rows)
+    # As wide as the lists the server answers known users from (an approximate search for more
+    # candidates is not a prefix of one for fewer), then cut: the metrics are of what is served.
+    width = min(max(max(ks), manifest.known_top_k), shape[1])
+    top = search_index(index, arrays, width, exclude, rows)[:, : max(ks)]
     return ranking_metrics(top, truth[rows], unknown[rows], ks, n_items=shape[1])
 
 
@@ -351,7 +361,11 @@ def train(
     promote: bool | None = None,
     baseline: bool = True,
 ) -> TrainSummary:
-    """``tracktower train``: the stages above in order, inside one MLflow run."""
+    """``tracktower train``: the stages above in order, inside one MLflow run.
+
+    The checkpoint directory is checked first, so a bad one fails before any data is read.
+    """
+    checkpoint_root = checkpoints.prepare_root(cfg.train)
     data = prepare(cfg.data, cfg.split, final=final)
     log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
     check_size(cfg.promotion, data)
@@ -360,14 +374,18 @@ def train(
         popularity_baseline(cfg, data, held, log_run=baseline) if held else (None, {})
     )
     name = run_name(cfg, config_path, final=final)
+    key = checkpoints.run_key(cfg, data.fingerprint, final=final)
     tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
+    tags[checkpoints.KEY_TAG] = key
     if baseline_id:
         tags["baseline_run_id"] = baseline_id
     with tracking.experiment_run(cfg.experiment, name, tags=tags) as run:
         run_id = str(run.info.run_id)
         tracking.log_config(cfg, flatten(cfg), config_path, final=final)
         tracking.log_dataset(data)
-        result, seconds = fit(cfg, data)
+        policy = cfg.train.checkpoints
+        with checkpoints.for_run(checkpoint_root, policy, key, run_id) as checkpoint_dir:
+            result, seconds = fit(cfg, data, checkpoint_dir)
         with scratch_dir() as tmp:
             exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
             path = exported.path
@@ -404,20 +422,10 @@ def scratch_dir() -> Iterator[str]:
     root = Path(tempfile.gettempdir())
     for old in root.glob(f"{_SCRATCH_PREFIX}*-"):
         pid = old.name.removeprefix(_SCRATCH_PREFIX).split("-", 1)[0]
-        if pid.isdigit() and not _pid_exists(int(pid)):
+        if pid.isdigit() and not tracking._alive(int(pid), ""):
             shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-", suffix="-") as tmp:
         yield tmp
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _promote(final: bool, promote: bool | None) -> bool | None:

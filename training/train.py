@@ -4,7 +4,8 @@ Early stopping is Keras's ``EarlyStopping`` watching a ranking metric computed e
 final test metric (not the loss, which does not track retrieval quality well); it keeps the best
 epoch's weights. Given a ``checkpoint_dir``, Keras's ``BackupAndRestore`` backs the training state
 up there after every epoch, and a job that dies mid-run, started again with the same directory,
-resumes after its last finished epoch.
+resumes after its last finished epoch. ``tracktower train`` gives each run its own persistent
+directory (:mod:`tracktower.training.checkpoints`).
 """
 
 from __future__ import annotations

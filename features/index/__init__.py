@@ -15,6 +15,7 @@ from tracktower.features.index.filtered import (
     DEFAULT_OVERFETCH,
     overfetch_search,
     search_excluding,
+    top_lists,
 )
 from tracktower.features.index.recall import MIN_SAMPLE, measure_recall, sample_rows
 from tracktower.features.index.scann_index import ScannIndex, default_params
@@ -43,4 +44,5 @@ __all__ = [
     "overfetch_search",
     "sample_rows",
     "search_excluding",
+    "top_lists",
 ]

@@ -59,8 +59,14 @@ class RetrievalIndex(Protocol):
     @property
     def dim(self) -> int: ...
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(indices int64 [B, k], scores float32 [B, k])`` for float32 ``queries [B, dim]``."""
+    def search(
+        self, queries: np.ndarray, k: int, *, spare: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices int64 [B, k + spare], scores float32 [B, k + spare])`` for float32
+        ``queries [B, dim]``: the top k searched as carefully as for k alone, then ``spare``
+        more, for a caller that will drop some (excluded tracks). An approximate backend's
+        effort grows with k (ScaNN rescores ``reorder_per_k`` x k candidates) but only by
+        ``spare`` for the spare results."""
         ...
 
     def save(self, directory: Path) -> None:

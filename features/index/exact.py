@@ -52,13 +52,19 @@ class ExactIndex:
         k: int,
         exclude: sp.csr_matrix | None = None,
         rows: np.ndarray | None = None,
+        *,
+        spare: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k, equal to ``ranking.top_k(queries @ candidates.T, k, exclude, rows)``.
+        """Exact top-(k + spare), equal to ``ranking.top_k(queries @ candidates.T, k + spare,
+        exclude, rows)``.
 
         Scoring runs in :func:`ranking.top_k_chunks` blocks, so memory stays bounded for any
         batch; ``exclude`` / ``rows`` mean what they mean there.
         """
         q = check_queries(queries, self.dim, k)
+        if spare < 0:
+            raise ValueError(f"spare must be >= 0, got {spare}")
+        k += spare
         cand_t = self._candidates.T  # a view: BLAS reads the transposed layout directly
         blocks = ranking.top_k_chunks(
             lambda block: q[block] @ cand_t, len(q), self.size, k, exclude, rows=rows

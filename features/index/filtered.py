@@ -1,12 +1,16 @@
 """Exclusion-aware search (seen and request-excluded tracks) on any index.
 
 An approximate index cannot mask candidates before selection the way ``ranking.top_k(...,
-exclude)`` does, so a row is over-fetched by its number of exclusions (at most ``overfetch``),
-excluded tracks are dropped, and the first k survivors kept: the result has ranking.top_k's
-format, order and padding. A row left with fewer than k survivors (more exclusions than the
-over-fetch, or an index that returned too few) is recomputed by exact search with the mask, so
-no row comes back short while unexcluded candidates exist. On an exact index the mask is applied
-directly, which is what ``ranking.top_k(..., exclude)`` computes.
+exclude)`` does, so every row is over-fetched by the same ``overfetch`` spare results (searched
+with the effort of k, see ``RetrievalIndex.search``), excluded tracks are dropped, and the first
+k survivors kept: the result has ranking.top_k's format, order and padding. The width is fixed,
+not each batch's largest exclusion count, because an approximate index's answer depends on the
+width asked for: a user's list must not change with the users batched beside it, so a batch
+job, the server's single-user path and offline evaluation give the same top-k. A row left with
+fewer than k survivors (more exclusions than the over-fetch, or an index that returned too few)
+is recomputed by exact search with the mask, so no row comes back short while unexcluded
+candidates exist. On an exact index the mask is applied directly, which is what
+``ranking.top_k(..., exclude)`` computes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tracktower.features import ranking
 from tracktower.features.index.base import RetrievalIndex, check_queries
 from tracktower.features.index.exact import ExactIndex
 
-__all__ = ["DEFAULT_OVERFETCH", "overfetch_search", "search_excluding"]
+__all__ = ["DEFAULT_OVERFETCH", "overfetch_search", "search_excluding", "top_lists"]
 
 # Extra results fetched per excluded track, at most: MPD playlists hold at most 250 tracks, so
 # a known user's seen tracks plus a few request excludes fit without the exact fallback.
@@ -46,6 +50,28 @@ def search_excluding(
     return overfetch_search(index, exact, queries, k, exclude, rows, overfetch)
 
 
+def top_lists(
+    index: RetrievalIndex,
+    candidates: np.ndarray,
+    queries: np.ndarray,
+    width: int,
+    exclude: sp.csr_matrix,
+    block: int = 8192,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row b's top ``width`` with ``exclude[b]`` removed, for every row (int32 indices, -1
+    padded; float32 scores): the ``search_excluding`` call a server makes for one user, a
+    block of rows at a time so temporaries stay bounded. ``candidates`` are the index's
+    embeddings (for the exact fallback)."""
+    exact = index if isinstance(index, ExactIndex) else ExactIndex(candidates)
+    indices = np.empty((len(queries), width), dtype=np.int32)
+    scores = np.empty((len(queries), width), dtype=np.float32)
+    for start in range(0, len(queries), block):
+        rows = np.arange(start, min(start + block, len(queries)))
+        idx, top = search_excluding(index, exact, queries[rows], width, exclude, rows)
+        indices[rows], scores[rows] = idx, top
+    return indices, scores
+
+
 def overfetch_search(
     index: RetrievalIndex,
     exact: ExactIndex,
@@ -62,8 +88,7 @@ def overfetch_search(
         raise ValueError(f"overfetch must be >= 0, got {overfetch}")
     sub, rows = ranking.exclude_rows(exclude, rows, len(q), index.size)
     counts = np.diff(sub.indptr)
-    extra = min(int(counts.max()), overfetch) if len(counts) else 0
-    idx, top = index.search(q, k + extra)
+    idx, top = index.search(q, k, spare=overfetch)
     hit = idx < 0
     if sub.nnz:
         n = index.size + 1  # key = row * n + track; -1 (padding) is masked separately

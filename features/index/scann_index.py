@@ -185,13 +185,20 @@ class ScannIndex:
         p = self._params
         return min(self.size, max(p["reorder"], p["reorder_per_k"] * k, k))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate top-k; exact scores, ranking.top_k's order and padding (module doc)."""
+    def search(
+        self, queries: np.ndarray, k: int, *, spare: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-(k + spare); exact scores, ranking.top_k's order and padding (module
+        doc). The spare results widen the rescoring by ``spare``, not by ``reorder_per_k`` x
+        spare (see ``RetrievalIndex.search``)."""
         q = check_queries(queries, self.dim, k)
+        if spare < 0:
+            raise ValueError(f"spare must be >= 0, got {spare}")
         if len(q) == 0:
-            return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
-        ids, dist = self._retrieve(np.ascontiguousarray(q), self.rescore_width(k))
-        return self._rescore(q, ids, dist, k)
+            return np.empty((0, k + spare), dtype=np.int64), np.empty((0, k + spare), np.float32)
+        width = min(self.size, self.rescore_width(k) + spare)
+        ids, dist = self._retrieve(np.ascontiguousarray(q), width)
+        return self._rescore(q, ids, dist, k + spare)
 
     def _retrieve(self, q: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
         """ScaNN's ``width`` best quantized candidates per query (NaN distance = no candidate)."""

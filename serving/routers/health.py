@@ -14,13 +14,15 @@ router = APIRouter(tags=["operations"])
 @router.get("/healthz", response_model=Health)
 async def healthz(request: Request) -> Health:
     """200 while the process is alive, loaded or not: restarting would not help a slow load."""
-    loaded = request.app.state.recommender is not None
+    loaded = request.app.state.serving is not None
     return Health(status="ok" if loaded else "loading")
 
 
 @router.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> Health:
-    if request.app.state.recommender is None:
+    """200 while a model is served: from start-up until shutdown, a swap included (the new
+    version replaces the old in one step, so there is no moment without one)."""
+    if request.app.state.serving is None:
         raise ApiError(503, "not_ready", "model is not loaded yet")
     return Health(status="ok")
 

@@ -2,7 +2,9 @@
 (backend, parameters, build time and the recall measured at export).
 
 ``uri`` is the registry URI (``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH``) the server loaded,
-which a client can pass to ``tracktower`` itself; a model served from a local directory has
+which a client can pass to ``tracktower`` itself; a server following an alias shows the version
+it serves now (``models:/NAME/VERSION``, changed by a hot swap, ``serving/swap.py``), each
+request answered from one version throughout. A model served from a local directory has
 ``uri: null``: its path says nothing a client can use and something about the server's disk
 that it should not, and ``name`` and ``run_id`` identify the model either way.
 """

@@ -30,35 +30,51 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from tracktower.serving.artifact import Item, Recommendation
 from tracktower.serving.deps import Serving, ServingDep
-from tracktower.serving.errors import ApiError
+from tracktower.serving.errors import BATCH_503, NOT_READY_503, ApiError, documented
 from tracktower.serving.limits import BatchGate, Deadline, DeadlineExceeded
 from tracktower.serving.schemas import (
+    K_DESCRIPTION,
+    PATH_ID_PATTERN,
     BatchRequest,
     BatchResponse,
-    ErrorResponse,
     RecommendationResponse,
     RecommendRequest,
+    TopK,
+    from_settings,
+    id_schema,
 )
 from tracktower.serving.settings import Settings
 
 # Users scored between two deadline checks of a batch (see the module docstring).
 BATCH_BLOCK = 64
 
-router = APIRouter(
-    prefix="/v1",
-    tags=["recommendations"],
-    responses={
-        400: {"model": ErrorResponse},
-        422: {"model": ErrorResponse},
-        503: {"model": ErrorResponse},
+router = APIRouter(prefix="/v1", tags=["recommendations"])
+
+# Request examples for the API document ("Try it out" pre-fills them): valid under the default
+# Settings and any with max_k >= 5 and at least 2 ids per list; the ids are tests/builders' fake
+# artifacts'. Any id is valid: an unknown user gets the popular tracks, unknown tracks are ignored.
+EXAMPLE_USER = "u00001"
+RECOMMEND_EXAMPLES: dict[str, dict[str, Any]] = {
+    "user": {"summary": "A user, default k", "value": {"user_id": EXAMPLE_USER}},
+    "session": {
+        "summary": "A new listener's session, one track left out",
+        "value": {
+            "user_id": "new-user",
+            "k": 5,
+            "recent_track_ids": ["t000003", "t000004"],
+            "exclude_track_ids": ["t000007"],
+        },
     },
-)
+}
+BATCH_EXAMPLES: dict[str, dict[str, Any]] = {
+    "users": {"summary": "Two users", "value": {"user_ids": [EXAMPLE_USER, "u00002"]}},
+}
 
 
 def _k(k: int | None, settings: Settings) -> int:
@@ -85,7 +101,14 @@ def _check_ids(values: Sequence[str], field: str, limit: int, settings: Settings
         _check_id(value, f"{field}[{i}]", settings)
 
 
-def _items(items: list[Item]) -> list[dict[str, Any]]:
+def _items(items: list[Item], source: str) -> list[dict[str, Any]]:
+    """The popularity fallback's numbers are listener counts, not model scores: they go in
+    their own field (see ``schemas.RecommendedItem``)."""
+    if source == "popular":
+        return [
+            {"track_id": t, "score": None, "listeners": int(s), "title": ti, "artist": a}
+            for t, s, ti, a in items
+        ]
     return [{"track_id": t, "score": s, "title": ti, "artist": a} for t, s, ti, a in items]
 
 
@@ -98,16 +121,32 @@ def _response(user_id: str, rec: Recommendation, serving: Serving) -> Response:
         "user_id": user_id,
         "model": serving.model_ref,
         "source": rec.source,
-        "items": _items(rec.items),
+        "items": _items(rec.items, rec.source),
     }
     return Response(json.dumps(body, allow_nan=False), media_type="application/json")
 
 
-@router.get("/users/{user_id}/recommendations", response_model=RecommendationResponse)
+@router.get(
+    "/users/{user_id}/recommendations",
+    response_model=RecommendationResponse,
+    responses=documented(404, 422, 503, overrides={503: NOT_READY_503}),
+)
 async def user_recommendations(
-    user_id: str,
+    user_id: Annotated[
+        str,
+        Path(
+            description="Any user id that is not blank, has no '/' and is not '.' or '..' "
+            "(it is one URL path segment; POST takes any id); unknown users get the most "
+            "popular tracks.",
+            json_schema_extra=id_schema(PATH_ID_PATTERN),
+            openapi_examples={"user": {"summary": "A user id", "value": EXAMPLE_USER}},
+        ),
+    ],
     serving: ServingDep,
-    k: Annotated[int | None, Query(description="number of tracks (1..max_k)")] = None,
+    k: Annotated[
+        TopK | None,
+        Query(description=K_DESCRIPTION, json_schema_extra=from_settings(default="default_k")),
+    ] = None,
 ) -> Response:
     """Top-k for a user; users unknown to the model get the most popular tracks."""
     settings = serving.settings
@@ -123,8 +162,15 @@ async def user_recommendations(
     return _response(user_id, rec, serving)
 
 
-@router.post("/recommendations", response_model=RecommendationResponse)
-async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
+@router.post(
+    "/recommendations",
+    response_model=RecommendationResponse,
+    responses=documented(400, 422, 503, overrides={503: NOT_READY_503}),
+)
+async def recommend(
+    body: Annotated[RecommendRequest, Body(openapi_examples=RECOMMEND_EXAMPLES)],
+    serving: ServingDep,
+) -> Response:
     """Top-k with request-time excludes; ``recent_track_ids`` personalise unknown users."""
     settings = serving.settings
     _check_id(body.user_id, "user_id", settings)
@@ -144,9 +190,13 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
 @router.post(
     "/recommendations:batch",
     response_model=BatchResponse,
-    responses={504: {"model": ErrorResponse, "description": "request_timeout_seconds passed"}},
+    responses=documented(400, 422, 503, 504, overrides={503: BATCH_503}),
 )
-async def recommend_batch(body: BatchRequest, serving: ServingDep, request: Request) -> Response:
+async def recommend_batch(
+    body: Annotated[BatchRequest, Body(openapi_examples=BATCH_EXAMPLES)],
+    serving: ServingDep,
+    request: Request,
+) -> Response:
     """Many users in one vectorised scoring pass, off the event loop (see the module)."""
     settings = serving.settings
     if not body.user_ids:
@@ -181,7 +231,8 @@ def _score_batch(serving: Serving, user_ids: list[str], k: int, deadline: Deadli
         block = user_ids[start : start + BATCH_BLOCK]
         recs = serving.recommender.recommend_batch(block, k)
         for user_id, rec in zip(block, recs, strict=True):
-            results.append({"user_id": user_id, "source": rec.source, "items": _items(rec.items)})
+            items = _items(rec.items, rec.source)
+            results.append({"user_id": user_id, "source": rec.source, "items": items})
             sources[rec.source] += 1
     for source, n in sources.items():
         serving.metrics.count_source(source, n)

@@ -182,15 +182,18 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     np.testing.assert_allclose(arrays["user_embeddings"][users], queries, atol=1e-6)
     np.testing.assert_allclose(arrays["track_embeddings"], candidates, atol=1e-6)
 
-    # 2. The reloaded SavedModel, given each user's known tracks as raw ids ("" padding), returns
-    # that user's exported embedding, under both of its signature names.
+    # 2. The reloaded SavedModel, given each user's pooled known tracks (the mean of their
+    # history_embeddings rows, as a server pools a session), returns that user's exported
+    # embedding under both of its signature names; it holds no embedding table of its own.
     loaded = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
-    hist = [enc.track_ids[result.known[u].indices] for u in users]
-    width = max(len(h) for h in hist)
-    padded = tf.constant(np.array([list(h) + [""] * (width - len(h)) for h in hist]))
+    history = arrays["history_embeddings"]
+    pooled = np.stack([history[result.known[u].indices].mean(axis=0) for u in users])
     for name in (HISTORY_SIGNATURE, "serving_default"):
-        session = loaded.signatures[name](**{HISTORY_INPUT: padded})[HISTORY_OUTPUT].numpy()
+        fn = loaded.signatures[name]
+        session = fn(**{HISTORY_INPUT: tf.constant(pooled, tf.float32)})[HISTORY_OUTPUT].numpy()
         np.testing.assert_allclose(session, arrays["user_embeddings"][users], atol=1e-5)
+    saved_bytes = sum(f.stat().st_size for f in (artifact / SAVED_MODEL_DIR).rglob("*"))
+    assert saved_bytes < history.nbytes, (saved_bytes, history.nbytes)
 
     # 3. No training/serving skew: the server's top-K == the offline evaluation's top-K, and both
     # treat the early-stopping slice as known history (never recommended back).
@@ -202,13 +205,14 @@ def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     assert info.sample_users == min(len(enc.user_ids), 1000) and info.recall_at_100 >= 0.5
     assert (artifact / "index" / "tracktower_index.json").is_file()
     served = Recommender.load(artifact).top_k_batch(list(enc.user_ids[users]), 20)
+    assert manifest.known_top_k == 100  # served from lists searched this wide at export
     offline = stages.search_index(
         read_index(artifact, manifest, arrays["track_embeddings"]),
         arrays,
-        20,
+        manifest.known_top_k,
         result.known,
         users,
-    )
+    )[:, :20]
     np.testing.assert_array_equal(served.indices, offline)
     exact = np.concatenate(
         [i for i, _ in score_chunks(queries, candidates, 20, result.known[users])]

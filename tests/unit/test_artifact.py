@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from builders import fake_arrays, fake_manifest, write_fake_artifact
 
@@ -16,6 +17,7 @@ from tracktower.features.artifact import (
     ARRAYS,
     FORMAT_VERSION,
     MANIFEST_FILE,
+    IdLookup,
     Manifest,
     array_file,
     read_arrays,
@@ -55,19 +57,22 @@ def _one_line(info: pytest.ExceptionInfo[DataError]) -> str:
 def test_round_trip_is_memory_mapped_and_equal(tmp_path: Path) -> None:
     manifest, arrays, _ = _inputs()
     path = _write(tmp_path / "a")
+    specs = (*ARRAYS, *artifact.ORDER_ARRAYS)
     assert sorted(p.name for p in (path / artifact.ARRAYS_DIR).iterdir()) == sorted(
-        f"{spec.name}.npy" for spec in ARRAYS
+        f"{spec.name}.npy" for spec in specs
     )
     assert read_manifest(path) == manifest
     for mmap in (True, False):
         got = read_arrays(path, manifest, mmap=mmap)
-        assert set(got) == {spec.name for spec in ARRAYS}
+        assert set(got) == {spec.name for spec in specs}
         for name, value in arrays.items():
             np.testing.assert_array_equal(got[name], value)
             assert got[name].dtype == value.dtype
             assert isinstance(got[name].base, np.memmap) == mmap, name
             assert got[name].flags.writeable != mmap
-    titles, artists = read_track_metadata(path, arrays["track_ids"])
+        for order, ids in (("track_order", "track_ids"), ("user_order", "user_ids")):
+            np.testing.assert_array_equal(got[order], np.argsort(arrays[ids], kind="stable"))
+    titles, artists = read_track_metadata(path, manifest).rows(np.arange(TRACKS))
     assert titles == [*"abcde", *[None] * (TRACKS - 5)] and artists == [None] * TRACKS
     assert not [p for p in tmp_path.iterdir() if p.name != "a"]  # no staging left behind
 
@@ -165,7 +170,7 @@ def _replace(path: Path, name: str, value: np.ndarray) -> None:
         ("user_embeddings", np.zeros((USERS - 1, DIM), np.float32), r"expected shape \(12, 4\)"),
         ("track_embeddings", np.zeros((TRACKS, DIM), np.float64), "expected dtype float32"),
         ("user_ids", np.arange(USERS), "expected fixed-width unicode"),
-        ("user_ids", np.array(["u"] * USERS), "duplicate ids"),
+        ("user_ids", np.array(["u"] * USERS), "duplicate id 'u'"),
         ("seen_indptr", _BAD_INDPTR, "not CSR row pointers"),
         ("seen_indices", np.full(1, TRACKS, np.int32), "1 entries but seen_indptr ends at"),
         ("popular", np.zeros(TRACKS, np.int32), "not a permutation"),
@@ -218,13 +223,15 @@ def test_write_validates_before_writing(
 
 def test_write_refuses_other_versions_and_existing_dirs(tmp_path: Path) -> None:
     manifest = _inputs()[0].model_copy(update={"format_version": 1})
-    with pytest.raises(DataError, match="this tracktower writes format_version 3"):
+    with pytest.raises(DataError, match=f"this tracktower writes format_version {FORMAT_VERSION}"):
         _write(tmp_path / "a", manifest=manifest)
     (tmp_path / "b").mkdir()
     with pytest.raises(DataError, match="already exists"):
         _write(tmp_path / "b")
+    tower = _inputs()[0].model_copy(update={"has_history_tower": True, "history_dim": DIM})
+    history = {**_inputs()[1], "history_embeddings": np.zeros((TRACKS, DIM), np.float32)}
     with pytest.raises(DataError, match="has_history_tower but no saved_model"):
-        _write(tmp_path / "c", manifest=_inputs()[0].model_copy(update={"has_history_tower": True}))
+        _write(tmp_path / "c", manifest=tower, arrays=history)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -272,11 +279,73 @@ def test_update_manifest_records_the_version_atomically(tmp_path: Path) -> None:
     assert read_manifest(path).model_version == "7"
 
 
-def test_metadata_without_track_id_column(tmp_path: Path) -> None:
+def _write_metadata(path: Path, table: pa.Table) -> None:
+    with (
+        pa.OSFile(str(path / artifact.TRACKS_FILE), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as writer,
+    ):
+        writer.write_table(table)
+
+
+def test_metadata_that_breaks_the_contract(tmp_path: Path) -> None:
     path = _write(tmp_path / "a")
-    pd.DataFrame({"title": ["x"]}).to_parquet(path / artifact.TRACKS_FILE)
+    manifest = read_manifest(path)
+    _write_metadata(path, pa.table({"title": ["x"] * TRACKS}))
     with pytest.raises(DataError, match="column 'track_id'"):
-        read_track_metadata(path, np.array(["t"]))
+        read_track_metadata(path, manifest)
+    _write_metadata(path, pa.table({"track_id": ["t"]}))
+    with pytest.raises(DataError, match=f"1 rows, the manifest has {TRACKS} tracks"):
+        read_track_metadata(path, manifest)
+    _write_metadata(path, pa.table({"track_id": ["t"] * TRACKS, "title": list(range(TRACKS))}))
+    with pytest.raises(DataError, match="column 'title'"):
+        read_track_metadata(path, manifest)
+    pd.DataFrame({"track_id": ["t"]}).to_parquet(path / artifact.TRACKS_FILE)
+    with pytest.raises(DataError, match="unreadable track metadata") as info:
+        read_track_metadata(path, manifest)
+    assert _one_line(info).startswith(f"{path / artifact.TRACKS_FILE}: ")
+
+
+def test_an_order_that_does_not_sort_its_ids_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a")
+    _replace(path, "track_order", np.arange(TRACKS, dtype=np.int64)[::-1].copy())
+    with pytest.raises(DataError, match="does not sort track_ids") as info:
+        read_arrays(path, read_manifest(path))
+    assert _one_line(info).startswith(f"{array_file(path, 'track_order')}: ")
+    _replace(path, "track_order", np.full(TRACKS, TRACKS, dtype=np.int64))
+    with pytest.raises(DataError, match=r"index outside \[0, 30\)"):
+        read_arrays(path, read_manifest(path))
+
+
+def test_id_lookup_by_binary_search() -> None:
+    ids = np.array(["t10", "a", "zz", "t2", "b"])
+    lookup = IdLookup(ids, np.argsort(ids, kind="stable"))
+    assert [lookup.get(i) for i in ids.tolist()] == [0, 1, 2, 3, 4]
+    for unknown in ("", "t1", "t100", "zzz", "a" * 100, "\u00e9"):
+        assert lookup.get(unknown) is None
+    got = lookup.get_many(["zz", "nope", "a", "x" * 50, "zz"])
+    assert got.tolist() == [2, -1, 1, -1, 2] and got.dtype == np.int64
+    empty = IdLookup(np.array([], dtype="<U1"), np.array([], dtype=np.int64))
+    assert empty.get("a") is None and empty.get_many([]).tolist() == []
+
+
+def test_history_tower_needs_its_array_and_dim(tmp_path: Path) -> None:
+    manifest, arrays, tracks = _inputs()
+    with pytest.raises(ValueError, match="history_dim"):
+        Manifest.model_validate({**manifest.model_dump(), "has_history_tower": True})
+    tower = manifest.model_copy(update={"has_history_tower": True, "history_dim": 3})
+    with pytest.raises(DataError, match=r"arrays missing \['history_embeddings'\]"):
+        write_artifact(tmp_path / "a", manifest=tower, arrays=arrays, tracks=tracks)
+    bad = {**arrays, "history_embeddings": np.zeros((TRACKS, 2), np.float32)}
+    with pytest.raises(DataError, match=r"history_embeddings.*expected shape"):
+        write_artifact(
+            tmp_path / "a", manifest=tower, arrays=bad, tracks=tracks, saved_model=lambda p: None
+        )
+    path = write_fake_artifact(tmp_path / "b", USERS, TRACKS, DIM, with_history_tower=True)
+    matrix = np.load(array_file(path, "history_embeddings"))
+    matrix[3, 1] = np.nan
+    _replace(path, "history_embeddings", matrix)
+    with pytest.raises(DataError, match="row 3 is not finite"):
+        read_arrays(path, read_manifest(path))
 
 
 @pytest.mark.parametrize("name", ["track_embeddings", "user_embeddings"])

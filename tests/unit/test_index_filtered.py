@@ -86,7 +86,7 @@ def test_heavy_user_falls_back_to_exact_with_a_narrow_index() -> None:
     assert not seen[np.arange(20)[:, None], np.maximum(got[0], 0)][got[0] >= 0].any()
     assert ((got[0] >= 0).sum(axis=1) == 10).sum() == 19  # only the nearly full user is short
     assert (got[1][:, :-1] >= got[1][:, 1:]).all()  # best first, padding last
-    wide = index.search(queries, 10 + 16)[0]  # what the over-fetch asked the index for
+    wide = index.search(queries, 10, spare=16)[0]  # what the over-fetch asked the index for
     short = 0
     for user in set(range(20)) - {5, 6}:
         survivors = [t for t in wide[user].tolist() if t >= 0 and not seen[user, t]]
@@ -116,3 +116,26 @@ def test_bad_arguments() -> None:
         overfetch_search(exact, exact, queries, 2, sp.csr_matrix((4, 100)), np.array([0, 1]))
     with pytest.raises(ValueError, match="overfetch"):
         overfetch_search(exact, exact, queries, 2, sp.csr_matrix((3, 100)), overfetch=-1)
+
+
+def test_a_row_does_not_depend_on_the_exclusions_of_its_batch_mates() -> None:
+    """An approximate index answers differently for different widths (ScaNN rescores
+    reorder_per_k x width candidates), so the over-fetch width is fixed: giving one user many
+    more exclusions must not change anyone else's list (batch jobs, the server's single-user
+    path and offline evaluation batch users differently)."""
+    rng = np.random.default_rng(4)
+    points = rng.normal(size=(3000, 32)).astype(np.float32)  # noisy: quantization is lossy
+    queries = rng.normal(size=(30, 32)).astype(np.float32)
+    light = sp.lil_matrix((30, 3000), dtype=np.float32)
+    for user in range(1, 30):
+        light[user, rng.choice(3000, 5, replace=False)] = 1
+    heavy = light.copy()
+    nearest, _ = ExactIndex(points).search(queries[:1], 200)
+    heavy[0, nearest[0]] = 1  # user 0's 200 best tracks: inside the 256 over-fetch
+    exact = ExactIndex(points)
+    index = ScannIndex.build(points, {"leaves_to_search": 20, "reorder": 10, "reorder_per_k": 1})
+    a = search_excluding(index, exact, queries, 10, sp.csr_matrix(light))
+    b = search_excluding(index, exact, queries, 10, sp.csr_matrix(heavy))
+    np.testing.assert_array_equal(a[0][1:], b[0][1:])
+    np.testing.assert_array_equal(a[1][1:], b[1][1:])
+    assert not set(b[0][0].tolist()) & set(nearest[0].tolist())

@@ -21,8 +21,21 @@ ENV = [
     "TRACKTOWER_ALLOW_UNAUTHENTICATED",
     "TRACKTOWER_MAX_HEADER_BYTES",
     "TRACKTOWER_KEEP_ALIVE_TIMEOUT_SECONDS",
+    "TRACKTOWER_WORKER_STARTUP_TIMEOUT_SECONDS",
+    "PROMETHEUS_MULTIPROC_DIR",
 ]
 KEY = "k" * 16 + "-valid-key"
+
+
+@pytest.fixture(autouse=True)
+def _no_uvicorn_logging_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``uvicorn.Config`` runs ``logging.config.dictConfig``, which closes every existing
+    handler: with TensorFlow imported by an earlier test, absl's handler, whose stream is the
+    sys.stderr pytest captured then (its reporting breaks). A server process configures its
+    logging once at start; tests of the CLI do not need it."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +80,15 @@ def test_serve_passes_options_through_env(artifact: Path, env: pytest.MonkeyPatc
         calls.append({"target": target, **kwargs, "env": {k: os.environ.get(k) for k in ENV}})
 
     env.setattr(uvicorn, "run", fake_run)
-    args = ["serve", "--model", str(artifact), "--port", "8123", "--workers", "2"]
+    env.setenv("PROMETHEUS_MULTIPROC_DIR", "/stale/metrics")
+    args = ["serve", "--model", str(artifact), "--port", "8123", "--workers", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     (call,) = calls
     assert call["target"] == "tracktower.serving.app:factory" and call["factory"] is True
-    assert (call["host"], call["port"], call["workers"]) == ("127.0.0.1", 8123, 2)
+    assert (call["host"], call["port"], call["workers"]) == ("127.0.0.1", 8123, 1)
+    assert call["timeout_worker_healthcheck"] == 5
+    assert call["env"]["PROMETHEUS_MULTIPROC_DIR"] is None  # one worker: the app's registry
     assert call["env"]["TRACKTOWER_MODEL_URI"] == str(artifact)
     assert call["env"]["TRACKTOWER_PORT"] == "8123"
     assert call["access_log"] is False
@@ -192,3 +208,156 @@ def test_serve_reports_a_broken_index_in_one_line(
     result = CliRunner().invoke(app, ["serve", "--model", str(broken)])
     assert result.exit_code == 2
     assert result.stderr.startswith("error: ") and "index/ is missing" in result.stderr
+
+
+def test_several_workers_run_under_the_supervisor_with_shared_metrics(
+    artifact: Path, env: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from tracktower.serving import cli
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_run_workers(config: Any, startup_timeout: float) -> bool:
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        listing = os.listdir(directory) if directory else None
+        calls.append({"config": config, "startup": startup_timeout, "dir": directory})
+        calls[-1]["listing"] = listing
+        return True
+
+    env.setattr(cli, "run_workers", fake_run_workers)
+    env.setenv("PROMETHEUS_MULTIPROC_DIR", "/stale/metrics")
+    env.setenv("TRACKTOWER_WORKER_STARTUP_TIMEOUT_SECONDS", "90")
+    result = CliRunner().invoke(app, ["serve", "--model", str(artifact), "--workers", "3"])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    config = call["config"]
+    assert (config.app, config.factory, config.workers) == (cli.APP, True, 3)
+    assert config.timeout_worker_healthcheck == 5 and call["startup"] == 90
+    assert config.http == "tracktower.serving.protocol:LimitedHttpToolsProtocol"
+    assert config.limit_concurrency == 1000
+    # A fresh, empty directory for this server only, removed when it stops.
+    assert call["dir"] not in (None, "/stale/metrics") and call["listing"] == []
+    assert not os.path.exists(call["dir"])
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == "/stale/metrics"
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_exit_3(
+    artifact: Path, env: pytest.MonkeyPatch
+) -> None:
+    from tracktower.serving import cli
+
+    env.setattr(cli, "run_workers", lambda config, startup_timeout: False)
+    result = CliRunner().invoke(app, ["serve", "--model", str(artifact), "--workers", "2"])
+    assert result.exit_code == 3
+
+
+class FakeWorker:
+    """A uvicorn ``Process`` stand-in; the test plays the worker's end of the ping pipe."""
+
+    def __init__(self, pid: int) -> None:
+        import multiprocessing
+        from types import SimpleNamespace
+
+        self.parent_conn, self.child_conn = multiprocessing.Pipe()
+        self.pid = pid
+        self.exitcode: int | None = None
+        self.alive = True
+        self.killed = False
+        self.health_checks: list[float] = []
+        self.process = SimpleNamespace(is_alive=lambda: self.alive)
+
+    def is_alive(self, timeout: float = 5) -> bool:
+        self.health_checks.append(timeout)
+        return self.alive
+
+    def kill(self) -> None:
+        self.killed, self.alive = True, False
+        self.exitcode = -9 if self.exitcode is None else self.exitcode
+
+    def join(self) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    def pings(self) -> int:
+        received = 0
+        while self.child_conn.poll(0):
+            self.child_conn.recv()
+            received += 1
+        return received
+
+
+@pytest.fixture
+def supervise(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``supervise(workers, startup_timeout)`` -> (supervisor, replacements, marked dead)."""
+    import signal
+    from types import SimpleNamespace
+
+    from tracktower.serving import cli
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # uvicorn installs handlers
+    dead: list[int] = []
+    monkeypatch.setattr(cli, "mark_worker_dead", dead.append)
+    replacements: list[FakeWorker] = []
+
+    def new_process(config: Any, sockets: Any) -> FakeWorker:
+        replacements.append(FakeWorker(1000 + len(replacements)))
+        return replacements[-1]
+
+    monkeypatch.setattr(cli, "Process", new_process)
+
+    def make(workers: list[FakeWorker], startup_timeout: float) -> Any:
+        config = SimpleNamespace(workers=len(workers), timeout_worker_healthcheck=7)
+        supervisor = cli.WorkerSupervisor(config, [], startup_timeout)
+        supervisor.processes = list(workers)
+        return supervisor, replacements, dead
+
+    return make
+
+
+def test_a_loading_worker_is_not_held_to_the_health_check(supervise: Any) -> None:
+    worker = FakeWorker(1)
+    supervisor, replacements, _ = supervise([worker], startup_timeout=60)
+    for _ in range(5):  # silent (holding the GIL): asked once, never waited for, kept
+        supervisor.keep_subprocess_alive()
+    assert worker.pings() == 1 and not worker.killed and not worker.health_checks
+    worker.child_conn.send(False)  # answers: not started yet
+    supervisor.keep_subprocess_alive()  # reads the answer
+    supervisor.keep_subprocess_alive()  # asks again
+    assert worker.pings() == 1 and not worker.killed
+    worker.child_conn.send(True)  # started
+    supervisor.keep_subprocess_alive()
+    assert not worker.health_checks
+    supervisor.keep_subprocess_alive()  # serving: uvicorn's health check from now on
+    assert worker.health_checks == [7] and not worker.killed and not replacements
+    worker.alive = False
+    supervisor.keep_subprocess_alive()
+    assert worker.killed and len(replacements) == 1
+    assert supervisor.processes == replacements
+
+
+def test_a_worker_past_its_startup_timeout_is_replaced(supervise: Any) -> None:
+    import time
+
+    worker = FakeWorker(1)
+    supervisor, replacements, dead = supervise([worker], startup_timeout=0.2)
+    supervisor.keep_subprocess_alive()
+    assert not worker.killed
+    time.sleep(0.3)
+    supervisor.keep_subprocess_alive()
+    assert worker.killed and dead == [1] and supervisor.processes == replacements
+    assert not supervisor.should_exit.is_set()
+
+
+def test_a_worker_that_failed_to_start_stops_the_supervisor(supervise: Any) -> None:
+    from uvicorn.config import STARTUP_FAILURE
+
+    worker = FakeWorker(1)
+    supervisor, replacements, dead = supervise([worker], startup_timeout=60)
+    worker.alive, worker.exitcode = False, STARTUP_FAILURE
+    supervisor.keep_subprocess_alive()
+    assert supervisor.startup_failed and supervisor.should_exit.is_set()
+    assert not replacements and dead == [1]

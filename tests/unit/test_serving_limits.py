@@ -1,4 +1,5 @@
-"""Limits inside the app: header count and size (431), the batch gate (503) and deadline (504)."""
+"""Limits inside the app: header count and size (431), the batch gate (503) and deadline (504);
+and the HTTP protocol's answer over the connection limit (503), on an in-process server."""
 
 from __future__ import annotations
 
@@ -149,3 +150,58 @@ def test_blocked_batch_equals_one_pass(artifact: Path) -> None:
     assert [r["source"] for r in body["results"]] == [rec.source for rec in whole]
     got = [[i["track_id"] for i in r["items"]] for r in body["results"]]
     assert got == [[item.track_id for item in rec.items] for rec in whole]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_over_the_connection_limit_is_503_json_with_retry_after() -> None:
+    """uvicorn's own answer is plain text; the limited protocol answers in the error shape."""
+    import socket
+
+    import httpx
+    import uvicorn
+
+    from tracktower.serving.protocol import PROTOCOL
+
+    port = _free_port()
+    config = uvicorn.Config(
+        _ok, host="127.0.0.1", port=port, http=PROTOCOL, loop="asyncio", lifespan="off",
+        limit_concurrency=2, log_level="error",
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(base, timeout=10).text == "ok"
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # holds one of two
+            time.sleep(0.2)
+            refused = httpx.get(base, timeout=10)
+        assert _error(refused, 503, "busy").startswith("the server is at its limit of 2 ")
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
+        assert refused.headers["content-type"] == "application/json"
+        deadline = time.monotonic() + 10  # the held connection is gone: served again
+        while httpx.get(base, timeout=10).status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        server.should_exit = True
+        thread.join(30)

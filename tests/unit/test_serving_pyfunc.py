@@ -80,7 +80,7 @@ def test_resolve_reports_the_format_version(artifact: Path, tmp_path: Path) -> N
     old = Path(shutil.copytree(artifact, tmp_path / "old"))
     manifest = json.loads((old / MANIFEST_FILE).read_text())
     (old / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
-    with pytest.raises(DataError, match="format_version 1, this tracktower reads format_version 3"):
+    with pytest.raises(DataError, match="format_version 1, this tracktower reads format_version 4"):
         resolve_artifact(str(old))
 
 

@@ -1,0 +1,228 @@
+"""Per-run training checkpoints in a persistent directory, and their retention.
+
+Each training run backs its state up (Keras's ``BackupAndRestore``, after every epoch) into its
+own directory ``<root>/<key>-<run id>``. ``key`` hashes the config (less what changes nothing the
+run learns) with the dataset fingerprint and ``--final``, so the same command run again can find
+the directories of its earlier runs to resume from; the run id tells concurrent runs of the same
+command apart and names the MLflow run to reopen. Each directory holds an ``owner.json`` (host, pid
+and the pid's start time, as the MLflow run's tags record them) so that the sweep at the next
+``train`` can tell a dead run's state from a live one's.
+
+Retention: a run that finishes removes its directory; one that dies keeps it (a ``kill -9`` leaves
+it no choice) for resuming, until the next ``train`` on this host sweeps the state of dead runs
+beyond the newest ``keep_failed`` or older than ``max_age_days``. A live run's directory, or one
+owned by another host (its process cannot be checked from here), is never removed.
+
+A crash mid-backup is never restored as good: TensorFlow writes a checkpoint under a temporary
+prefix, renames it into place, and only then atomically rewrites the ``checkpoint`` state file
+that restoring reads, so a torn write leaves the previous epoch's state current.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tracktower.features.errors import DataError
+from tracktower.training import tracking
+from tracktower.training.config import CheckpointConfig, ExperimentConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+ENV_VAR = "TRACKTOWER_CHECKPOINT_DIR"
+OWNER_FILE = "owner.json"
+# BackupAndRestore's CheckpointManager state file: present once an epoch has been backed up, and
+# removed (with the whole "chief" folder) when fit completes.
+STATE_FILE = Path("chief") / "checkpoint"
+DIR_TAG, KEY_TAG = "tracktower.checkpoint_dir", "tracktower.checkpoint_key"
+_NAME = re.compile(r"(?P<key>[0-9a-f]{12})-(?P<run>[0-9A-Za-z]+)")
+_DAY = 86_400.0
+
+__all__ = [
+    "DIR_TAG",
+    "ENV_VAR",
+    "KEY_TAG",
+    "Owner",
+    "default_root",
+    "for_run",
+    "has_state",
+    "prepare_root",
+    "read_owner",
+    "run_key",
+    "sweep",
+]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process that writes a run's checkpoints, and the run they belong to."""
+
+    host: str
+    pid: int
+    pid_start: str
+    run_id: str
+    key: str
+
+    @classmethod
+    def current(cls, run_id: str, key: str) -> Owner:
+        tags = tracking._owner_tags()
+        return cls(
+            host=tags[tracking.HOST_TAG],
+            pid=int(tags[tracking.PID_TAG]),
+            pid_start=tags[tracking.PID_START_TAG],
+            run_id=run_id,
+            key=key,
+        )
+
+    def alive(self) -> bool:
+        """True unless the owner is known to be gone: one on another host cannot be checked."""
+        if self.host != socket.gethostname():
+            return True
+        return tracking._alive(self.pid, self.pid_start)
+
+
+def default_root() -> Path:
+    """``$XDG_CACHE_HOME/tracktower/checkpoints``, else under ``~/.cache``: persistent, per user,
+    and not the temp dir, which a reboot or a temp cleaner empties."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "tracktower" / "checkpoints"
+
+
+def prepare_root(train: TrainConfig) -> Path | None:
+    """The checkpoint root for this run, created and proven writable; None when checkpoints are
+    off. Called before any data is read, so a bad directory fails in a second with one line
+    naming the setting, not after the first epoch."""
+    policy = train.checkpoints
+    if not policy.enabled:
+        return None
+    if train.strategy == "cpu":
+        log.warning("no checkpoints: Keras's BackupAndRestore cannot back up train.strategy=cpu")
+        return None
+    where, path = _configured(policy)
+    path = path.expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise DataError(
+            f"{where}: cannot write checkpoints to {path} ({exc.strerror or exc}); name a "
+            "writable directory, or set train.checkpoints.enabled=false"
+        ) from None
+    return path
+
+
+def _configured(policy: CheckpointConfig) -> tuple[str, Path]:
+    """The root and the setting it came from: the config, then the environment, then the
+    default (named so an error says what to change)."""
+    if policy.dir is not None:
+        return "train.checkpoints.dir", policy.dir
+    if env := os.environ.get(ENV_VAR):
+        return ENV_VAR, Path(env)
+    return f"train.checkpoints.dir (default, or ${ENV_VAR})", default_root()
+
+
+def run_key(cfg: ExperimentConfig, fingerprint: str, *, final: bool) -> str:
+    """Twelve hex digits naming what a run computes: the config, less its run name and these
+    checkpoint settings, the dataset fingerprint and ``--final``."""
+    config = cfg.model_dump(mode="json", exclude={"run_name": True, "train": {"checkpoints"}})
+    text = json.dumps({"config": config, "data": fingerprint, "final": final}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def read_owner(path: Path) -> Owner | None:
+    """The run directory's owner record; None when it is absent or unreadable."""
+    try:
+        raw = json.loads((path / OWNER_FILE).read_text(encoding="utf-8"))
+        return Owner(**{k: raw[k] for k in Owner.__dataclass_fields__})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def has_state(path: Path) -> bool:
+    """Whether a backed-up epoch is there to resume from."""
+    return (path / STATE_FILE).is_file()
+
+
+def _last_written(path: Path) -> float:
+    """Newest modification time of the directory and its backup: the backup lives one level
+    down, so the run directory's own time stops at its creation."""
+    times = [path.stat().st_mtime]
+    for sub in (path / OWNER_FILE, path / STATE_FILE):
+        with contextlib.suppress(OSError):
+            times.append(sub.stat().st_mtime)
+    return max(times)
+
+
+def sweep(root: Path, policy: CheckpointConfig, *, now: float | None = None) -> list[Path]:
+    """Remove the run directories of dead runs beyond the newest ``policy.keep_failed`` or older
+    than ``policy.max_age_days``; returns what was removed.
+
+    A directory with no owner record is one whose creation was cut short (the record is written
+    a moment after the directory) and goes only once older than the age limit.
+    """
+    now = time.time() if now is None else now
+    max_age = policy.max_age_days * _DAY
+    dead: list[tuple[float, Path]] = []
+    doomed: list[Path] = []
+    for path in root.iterdir() if root.is_dir() else ():
+        if not _NAME.fullmatch(path.name) or not path.is_dir():
+            continue
+        with contextlib.suppress(OSError):  # removed meanwhile by a concurrent sweep
+            owner, written = read_owner(path), _last_written(path)
+            if owner is None and now - written > max_age:
+                doomed.append(path)
+            elif owner is not None and not owner.alive():
+                dead.append((written, path))
+    dead.sort(reverse=True)
+    doomed += [p for i, (t, p) in enumerate(dead) if i >= policy.keep_failed or now - t > max_age]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed the checkpoints of a dead run: %s", path)
+    return doomed
+
+
+def _create(root: Path, owner: Owner) -> Path:
+    path = root / f"{owner.key}-{owner.run_id}"
+    path.mkdir()
+    with tempfile.NamedTemporaryFile("w", dir=path, suffix=".tmp", delete=False) as tmp:
+        json.dump(asdict(owner), tmp)
+    os.replace(tmp.name, path / OWNER_FILE)  # never a half-written record
+    return path
+
+
+@contextlib.contextmanager
+def for_run(
+    root: Path | None, policy: CheckpointConfig, key: str, run_id: str
+) -> Iterator[Path | None]:
+    """The run's checkpoint directory for the duration of its training (None when ``root`` is).
+
+    Dead runs' directories are swept first. On success the directory is removed; on any failure
+    or interrupt it is kept if it holds a backed-up epoch to resume from, removed otherwise.
+    """
+    if root is None:
+        yield None
+        return
+    sweep(root, policy)
+    path = _create(root, Owner.current(run_id, key))
+    log.info("checkpoints: %s", path)
+    try:
+        yield path
+    except BaseException:
+        if has_state(path):
+            log.info("checkpoints kept for resuming: %s", path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
