@@ -31,6 +31,7 @@ import ipaddress
 import os
 import pickle
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -102,6 +103,7 @@ def serve(
             os.environ[f"TRACKTOWER_{name.upper()}"] = str(value)
     base = _settings()
     check_exposure(base)
+    check_port(base.host, base.port)
     uri = model if model is not None else base.model_uri
     resolved = resolve_artifact(
         uri,
@@ -168,6 +170,27 @@ def check_exposure(settings: Settings) -> None:
         f"warning: serving {settings.host} without authentication (allow_unauthenticated)",
         err=True,
     )
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the model is resolved, downloaded and checked (seconds to minutes) when the
+    address cannot be listened on, e.g. a port already in use. It is a probe, bound and closed
+    at once with the SO_REUSEADDR uvicorn sets: a port taken in the moment between it and
+    uvicorn's own bind still fails there, with uvicorn's message and a non-zero exit."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise DataError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server "
+            "running there? choose another --port)"
+        ) from None
 
 
 def is_loopback(host: str) -> bool:

@@ -361,3 +361,24 @@ def test_a_worker_that_failed_to_start_stops_the_supervisor(supervise: Any) -> N
     supervisor.keep_subprocess_alive()
     assert supervisor.startup_failed and supervisor.should_exit.is_set()
     assert not replacements and dead == [1]
+
+
+def test_a_busy_port_fails_before_the_model_is_resolved(
+    artifact: Path, env: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from tracktower.serving import resolve
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model was resolved before the port was checked")
+
+    env.setattr(resolve, "resolve_artifact", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--model", str(artifact), "--port", str(port)])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "\n" not in line
