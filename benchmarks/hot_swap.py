@@ -171,8 +171,18 @@ def build_registry(root: Path, users: int, tracks: int, dim: int) -> tuple[str, 
     client = MlflowClient(uri)
     bad = {"index_backend": "scann", "index_params": {"leaves_to_search": 1}}
     for version, extra in (("1", {}), ("2", {}), ("3", bad)):
+        # Known users' top 100 precomputed, as the real export does by default
+        # (index.known_top_k): a new version serves them from its lists at once, not from a cold
+        # cache of searches.
         artifact = write_fake_artifact(
-            root / f"artifact{version}", users, tracks, dim, True, seed=int(version), **extra
+            root / f"artifact{version}",
+            users,
+            tracks,
+            dim,
+            True,
+            seed=int(version),
+            known_top_k=100,
+            **extra,
         )
         with mlflow.start_run(experiment_id=experiment) as run:
             tracking.log_model(artifact)
