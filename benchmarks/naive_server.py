@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import uvicorn
 from fastapi import FastAPI, HTTPException
 
@@ -33,6 +32,7 @@ from tracktower.features.artifact import (
     SAVED_MODEL_DIR,
     read_arrays,
     read_manifest,
+    seen_matrix,
 )
 
 
@@ -41,15 +41,7 @@ def _load(artifact: Path, state: dict[str, Any]) -> None:
 
     arrays = read_arrays(artifact, read_manifest(artifact))
     track_ids = arrays["track_ids"]
-    n_users, n_tracks = len(arrays["user_ids"]), len(track_ids)
-    seen = sp.csr_matrix(
-        (
-            np.ones(len(arrays["seen_indices"]), np.float32),
-            arrays["seen_indices"],
-            arrays["seen_indptr"],
-        ),
-        shape=(n_users, n_tracks),
-    )
+    seen = seen_matrix(arrays)
     model = tf.saved_model.load(str(artifact / SAVED_MODEL_DIR))
     state.update(
         tf=tf,

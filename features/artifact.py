@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tracktower.features.errors import DataError, one_line
@@ -89,6 +90,7 @@ __all__ = [
     "read_index",
     "read_manifest",
     "read_track_metadata",
+    "seen_matrix",
     "update_manifest",
     "write_artifact",
 ]
@@ -500,9 +502,8 @@ class TrackMetadata:
     """Titles and artists by track index, read from the memory-mapped tracks.arrow (no Python
     object per track: a server fetches the few rows it answers with)."""
 
-    def __init__(self, table: pa.Table | None, num_tracks: int) -> None:
+    def __init__(self, table: pa.Table | None) -> None:
         self._columns: dict[str, _StringColumn | None] = {"title": None, "artist": None}
-        self.num_tracks = num_tracks
         if table is not None:
             for name in self._columns:
                 if name in table.column_names:
@@ -518,13 +519,22 @@ class TrackMetadata:
         return out[0], out[1]
 
 
+def seen_matrix(arrays: Mapping[str, np.ndarray]) -> sp.csr_matrix:
+    """The seen tracks as a users x tracks CSR over the arrays themselves (memory maps stay
+    maps). Its values are one zero-stride 1: only the stored entries mean anything, and every
+    exclusion (``features.ranking.exclude_rows``) reads the indices alone."""
+    ones = np.broadcast_to(np.float32(1), (len(arrays["seen_indices"]),))
+    shape = (len(arrays["user_ids"]), len(arrays["track_ids"]))
+    return sp.csr_matrix((ones, arrays["seen_indices"], arrays["seen_indptr"]), shape=shape)
+
+
 def read_track_metadata(path: str | Path, manifest: Manifest) -> TrackMetadata:
     """The artifact's track metadata, memory-mapped; it must have one row per track, in track
     index order, as ``write_artifact`` writes it."""
     file = Path(path) / TRACKS_FILE
     if not file.is_file():
         log.warning("%s is missing; recommendations carry no title/artist", file)
-        return TrackMetadata(None, manifest.num_tracks)
+        return TrackMetadata(None)
     try:
         table = pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all()
     except (OSError, pa.ArrowInvalid) as exc:
@@ -538,7 +548,7 @@ def read_track_metadata(path: str | Path, manifest: Manifest) -> TrackMetadata:
     for name in ("title", "artist"):
         if name in table.column_names and not pa.types.is_string(table.schema.field(name).type):
             raise DataError("expected a string column", path=file, column=name)
-    return TrackMetadata(table, manifest.num_tracks)
+    return TrackMetadata(table)
 
 
 class IdLookup:

@@ -51,6 +51,7 @@ from tracktower.features.artifact import (
     read_index,
     read_manifest,
     read_track_metadata,
+    seen_matrix,
 )
 from tracktower.features.errors import DataError
 from tracktower.features.index import (
@@ -121,11 +122,7 @@ class Recommender:
         self.user_ids: np.ndarray = arrays["user_ids"]
         self.track_embeddings = np.ascontiguousarray(arrays["track_embeddings"], dtype=np.float32)
         self.user_embeddings = np.ascontiguousarray(arrays["user_embeddings"], dtype=np.float32)
-        n, u = len(self.track_ids), len(self.user_ids)
-        ones = np.broadcast_to(np.float32(1), (len(arrays["seen_indices"]),))
-        self.seen = sp.csr_matrix(
-            (ones, arrays["seen_indices"], arrays["seen_indptr"]), shape=(u, n)
-        )
+        self.seen = seen_matrix(arrays)
         self.popular: np.ndarray = arrays["popular"]
         self.popular_scores: np.ndarray = arrays["popular_scores"]
         self._metadata = metadata

@@ -26,6 +26,7 @@ from tracktower.features.artifact import (
     HISTORY_SIGNATURE,
     DatasetInfo,
     Manifest,
+    seen_matrix,
     write_artifact,
 )
 from tracktower.features.dataset import popularity_order
@@ -167,14 +168,7 @@ def write_fake_artifact(
     if with_history_tower:
         arrays[HISTORY_ARRAY.name] = arrays["track_embeddings"]
     if known_top_k:
-        seen = sp.csr_matrix(
-            (
-                np.ones(len(arrays["seen_indices"]), np.float32),
-                arrays["seen_indices"],
-                arrays["seen_indptr"],
-            ),
-            shape=(n_users, n_tracks),
-        )
+        seen = seen_matrix(arrays)
         lists = top_lists(
             index, arrays["track_embeddings"], arrays["user_embeddings"], known_top_k, seen
         )

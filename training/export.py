@@ -110,14 +110,6 @@ def _library_versions() -> dict[str, str]:
     return out
 
 
-def _track_metadata(track_ids: np.ndarray, tracks: pd.DataFrame | None) -> pd.DataFrame:
-    frame = pd.DataFrame({"track_id": track_ids.astype(str)})
-    if tracks is None or tracks.empty:
-        return frame.assign(title=pd.Series(dtype="string"), artist=pd.Series(dtype="string"))
-    keep = [c for c in artifact.TRACK_COLUMNS if c in tracks.columns]
-    return frame.merge(tracks[keep].drop_duplicates("track_id"), on="track_id", how="left")
-
-
 def _arrays(inputs: ExportInputs) -> dict[str, np.ndarray]:
     known = sp.csr_matrix(inputs.known, copy=True)
     known.sum_duplicates()  # canonical: sorted, unique track indices per user
@@ -163,14 +155,7 @@ def known_top_lists(
     index: RetrievalIndex, arrays: dict[str, np.ndarray], width: int
 ) -> dict[str, np.ndarray]:
     """Every known user's top ``width`` (seen excluded) for KNOWN_TOP_ARRAYS."""
-    seen = sp.csr_matrix(
-        (
-            np.ones(len(arrays["seen_indices"]), np.float32),
-            arrays["seen_indices"],
-            arrays["seen_indptr"],
-        ),
-        shape=(len(arrays["user_ids"]), len(arrays["track_ids"])),
-    )
+    seen = artifact.seen_matrix(arrays)
     indices, scores = top_lists(
         index, arrays["track_embeddings"], arrays["user_embeddings"], width, seen
     )
@@ -218,7 +203,8 @@ def export_artifact(inputs: ExportInputs, out_dir: Path) -> Exported:
         out_dir,
         manifest=manifest,
         arrays=arrays,
-        tracks=_track_metadata(inputs.track_ids, inputs.tracks),
+        # write_artifact aligns it to the track index (missing tracks get nulls).
+        tracks=inputs.tracks if inputs.tracks is not None else pd.DataFrame({"track_id": []}),
         saved_model=save if model.cfg.use_history else None,
         index=index,
     )
