@@ -41,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from tracktower.features.errors import DataError, one_line
 from tracktower.serving.artifact import Recommender
 from tracktower.serving.auth import ApiKeyAuth, declare_security, key_digests, open_paths
+from tracktower.serving.coalesce import Coalescer
 from tracktower.serving.deps import LoadedModel, Serving
 from tracktower.serving.errors import BodySizeLimit, install_error_handlers
 from tracktower.serving.limits import BatchGate, HeaderLimits
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.state.startup_error = None
     # Per app, not per model: a model swap must not reset the count of batches in progress.
     app.state.batch_gate = BatchGate(settings.max_concurrent_batches)
+    app.state.coalescer = Coalescer(settings.coalesce_max_batch, settings.coalesce_max_inflight)
     _add_middleware(app, settings, metrics)
     install_error_handlers(app)
     # Routers carry their own /v1 prefix so route templates (metrics labels) include it. The

@@ -73,6 +73,15 @@ class Item(NamedTuple):
     artist: str | None
 
 
+class Query(NamedTuple):
+    """One request's arguments to :meth:`Recommender.recommend`."""
+
+    user_id: str
+    k: int
+    exclude_track_ids: Sequence[str] = ()
+    recent_track_ids: Sequence[str] = ()
+
+
 @dataclass(frozen=True)
 class Recommendation:
     items: list[Item]
@@ -85,6 +94,17 @@ class TopK(NamedTuple):
     indices: np.ndarray  # int64 [B, k]
     scores: np.ndarray  # float32 [B, k]
     sources: np.ndarray  # <U7 [B]
+
+
+SPARE_STEP = 16
+
+
+def _spare(excluded: int) -> int:
+    """Spare results a search over-fetches for ``excluded`` tracks: each excluded track displaces
+    at most one result, so this many always leave k. Rounded up to a multiple of SPARE_STEP so
+    that sessions of similar length are searched together; it depends only on the request, so
+    a request's answer never depends on what it was batched with."""
+    return -(-excluded // SPARE_STEP) * SPARE_STEP
 
 
 def check_artifact(path: str | Path) -> IndexInfo:
@@ -110,7 +130,7 @@ class Recommender:
         manifest: Manifest,
         arrays: dict[str, np.ndarray],
         metadata: TrackMetadata,
-        history_tower: Callable[[np.ndarray], np.ndarray] | None,
+        history_tower: Callable[[np.ndarray], np.ndarray] | None,  # [B, hist] -> [B, dim]
         index: RetrievalIndex,
     ) -> None:
         # ``arrays`` follow the artifact contract (read_arrays checked them), usually as read-only
@@ -225,26 +245,73 @@ class Recommender:
         Recently played tracks are excluded like explicit excludes whatever the source: a listener
         who just heard a track is not helped by having it recommended back.
         """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        excluded = self.track_indices([*exclude_track_ids, *recent_track_ids])
-        u = self._users.get(user_id)
-        if u is not None:
-            # Without a cache a list to filter would be searched just for this request.
-            listed = None
-            if not excluded or k <= max(self._cache_width, self._list_width):
-                listed = self._from_list(self._known_list(u, k), k, excluded)
+        return self.recommend_many([Query(user_id, k, exclude_track_ids, recent_track_ids)])[0]
+
+    def recommend_many(self, queries: Sequence[Query]) -> list[Recommendation]:
+        """Each query answered as :meth:`recommend` answers it alone, the sessions among them
+        together: one history-tower call for all, one index search per (k, ``_spare``).
+
+        A session's search over-fetches by its own ``_spare``, so the rows searched
+        together ask the index exactly what each would ask alone; only the tower's float32
+        rounding may differ between a batch and a single row (different matrix kernels).
+        """
+        out: list[Recommendation | None] = [None] * len(queries)
+        sessions: list[tuple[int, np.ndarray, np.ndarray]] = []
+        for i, q in enumerate(queries):
+            if q.k < 1:
+                raise ValueError(f"k must be >= 1, got {q.k}")
+            n_excl = len(q.exclude_track_ids)
+            found = self._tracks.get_many([*q.exclude_track_ids, *q.recent_track_ids])
+            excluded = found[found >= 0].tolist()
+            u = self._users.get(q.user_id)
+            if u is not None:
+                out[i] = self._known(u, q.k, excluded)
+                continue
+            recent = found[n_excl:]
+            recent = recent[recent >= 0]
+            if len(recent) and self._history_tower is not None:
+                sessions.append((i, recent, np.unique(excluded)))
+            else:
+                out[i] = self._popular(q.k, excluded)
+        if sessions:
+            self._sessions(queries, sessions, out)
+        return [rec for rec in out if rec is not None]
+
+    def _known(self, u: int, k: int, excluded: list[int]) -> Recommendation:
+        # Without a cache a list to filter would be searched just for this request.
+        if not excluded or k <= max(self._cache_width, self._list_width):
+            listed = self._from_list(self._known_list(u, k), k, excluded)
             if listed is not None:
                 return listed
-            seen = self.seen.indices[self.seen.indptr[u] : self.seen.indptr[u + 1]]
-            return self._search(self.user_embeddings[u], k, np.union1d(seen, excluded), "model")
-        recent = self.track_indices(recent_track_ids)
-        if recent and self._history_tower is not None and self._history is not None:
-            # The model's masked mean over the known tracks, as in training (duplicates count).
-            pooled = self._history[np.asarray(recent)].mean(axis=0, dtype=np.float32)
-            query = self._history_tower(pooled)
-            return self._search(query, k, np.unique(excluded), "session")
-        return self._popular(k, excluded)
+        seen = self.seen.indices[self.seen.indptr[u] : self.seen.indptr[u + 1]]
+        return self._search_many(
+            self.user_embeddings[[u]], k, [np.union1d(seen, excluded)], "model"
+        )[0]
+
+    def _sessions(
+        self,
+        queries: Sequence[Query],
+        sessions: list[tuple[int, np.ndarray, np.ndarray]],
+        out: list[Recommendation | None],
+    ) -> None:
+        """Fill ``out`` at the sessions' positions: (position, recent track indices, sorted
+        unique excluded indices) each."""
+        assert self._history_tower is not None and self._history is not None
+        history = self._history
+        # The model's masked mean over the known tracks, as in training (duplicates count).
+        pooled = np.stack(
+            [history[recent].mean(axis=0, dtype=np.float32) for _, recent, _ in sessions]
+        )
+        vectors = np.asarray(self._history_tower(pooled), dtype=np.float32).reshape(
+            len(sessions), -1
+        )
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (i, _, excluded) in enumerate(sessions):
+            groups.setdefault((queries[i].k, _spare(len(excluded))), []).append(j)
+        for (k, _), rows in groups.items():
+            found = self._search_many(vectors[rows], k, [sessions[j][2] for j in rows], "session")
+            for j, rec in zip(rows, found, strict=True):
+                out[sessions[j][0]] = rec
 
     def cached(self, user_id: str, k: int) -> Recommendation | None:
         """A known user's top-k from the cache, or None (not cached, not known, or k wider than
@@ -315,22 +382,29 @@ class Recommender:
         keep = keep[:k]
         return Recommendation(self._items(indices[keep], scores[keep]), "model")
 
-    def _search(
-        self, query: np.ndarray, k: int, excluded: np.ndarray, src: Source
-    ) -> Recommendation:
-        """One query through the index, the sorted unique track indices ``excluded`` removed."""
-        q = np.asarray(query, dtype=np.float32).reshape(1, -1)
+    def _search_many(
+        self, queries: np.ndarray, k: int, excluded: list[np.ndarray], src: Source
+    ) -> list[Recommendation]:
+        """Queries through the index, row b without the sorted unique track indices
+        ``excluded[b]``; every row's exclusion count must have the same ``_spare``."""
+        q = np.asarray(queries, dtype=np.float32).reshape(len(excluded), -1)
         k = min(k, self.n_tracks)
-        if len(excluded) == 0:
+        counts = [len(e) for e in excluded]
+        spare = {_spare(n) for n in counts}
+        if len(spare) != 1:
+            raise ValueError(f"rows searched together must over-fetch alike, got {spare}")
+        if not any(counts):
             idx, top = self.index.search(q, k)
         else:
-            n = len(excluded)
+            indptr = np.concatenate([[0], np.cumsum(counts)])
             exclude = sp.csr_matrix(
-                (np.ones(n, dtype=np.float32), excluded, np.array([0, n])),
-                shape=(1, self.n_tracks),
+                (np.ones(indptr[-1], dtype=np.float32), np.concatenate(excluded), indptr),
+                shape=(len(excluded), self.n_tracks),
             )
-            idx, top = search_excluding(self.index, self._exact, q, k, exclude)
-        return Recommendation(self._items(idx[0], top[0]), src)
+            idx, top = search_excluding(
+                self.index, self._exact, q, k, exclude, overfetch=spare.pop()
+            )
+        return [Recommendation(self._items(i, t), src) for i, t in zip(idx, top, strict=True)]
 
     def _popular(self, k: int, excluded: list[int]) -> Recommendation:
         # At most len(excluded) of the first k + len(excluded) are excluded.

@@ -4,12 +4,18 @@ Uses :meth:`Recommender.top_k_batch`: the artifact's retrieval index, one batche
 seen tracks excluded, the same code the HTTP server's batch route runs. With an exact index the
 lists are identical to the server's single-user answers; with an approximate one they can differ
 in which candidates were retrieved (see ``serving.artifact``).
+
+The output is written next to its path and renamed into place (``prepare_output``, ``publish``,
+shared with the Spark engine of ``serving/spark.py``), so a crash never leaves a half-written
+file behind, and an existing output is replaced only when it is Parquet output.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -123,20 +129,89 @@ def recommend_to_parquet(
     )
     recommender = Recommender.load(resolved.path, history_tower=False)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
+    partial = prepare_output(output)
     written = 0
     # Written to a side file and renamed, so a crash never leaves a truncated output behind.
-    with pq.ParquetWriter(partial, SCHEMA) as writer:
-        for start in range(0, len(users), chunk_size):
-            chunk = users[start : start + chunk_size]
-            frame = long_format(recommender, chunk, recommender.top_k_batch(chunk, k))
-            writer.write_table(_table(frame.drop(columns="_row")))
-            written += len(frame)
-    os.replace(partial, output)
+    try:
+        with pq.ParquetWriter(partial, SCHEMA) as writer:
+            for start in range(0, len(users), chunk_size):
+                chunk = users[start : start + chunk_size]
+                frame = long_format(recommender, chunk, recommender.top_k_batch(chunk, k))
+                writer.write_table(_table(frame.drop(columns="_row")))
+                written += len(frame)
+    except BaseException:
+        remove(partial)
+        raise
+    publish(partial, output)
     log.info("wrote %d rows for %d users to %s", written, len(users), output)
     return written
 
 
 def _table(frame: pd.DataFrame) -> Any:
     return pa.Table.from_pandas(frame, schema=SCHEMA, preserve_index=False)
+
+
+# --- the output file or directory, shared with the Spark engine (serving/spark.py) ------------
+
+# What a Spark Parquet output directory holds: data files, the job's marker, checksums (hidden).
+_OUTPUT_FILE = re.compile(r"^(part-.*\.parquet|_SUCCESS|\..*\.crc)$")
+
+
+def prepare_output(output: Path) -> Path:
+    """Check that ``output`` may be written and return the staging path next to it.
+
+    An existing output is replaced only when it is Parquet output: a file that starts with
+    Parquet's magic bytes, or a directory holding only what Spark's Parquet writer leaves (an
+    engine's earlier run); anything else (a directory of other files, a CSV) is refused rather
+    than deleted."""
+    if (output.exists() or output.is_symlink()) and not _replaceable(output):
+        raise DataError(
+            "exists and is not Parquet output (a Parquet file or a directory of part files); "
+            "choose another output path",
+            path=output,
+        )
+    staging = output.with_name(output.name + ".partial")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        remove(staging)  # left by a run that died: the name is this module's own
+    except OSError as exc:
+        raise DataError(f"cannot write the output ({exc.strerror or exc})", path=output) from None
+    return staging
+
+
+def _replaceable(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    if path.is_file():
+        try:
+            with path.open("rb") as handle:
+                return handle.read(4) == b"PAR1"
+        except OSError:
+            return False  # unreadable: not ours to replace
+    if path.is_dir():
+        return all(p.is_file() and _OUTPUT_FILE.match(p.name) for p in path.iterdir())
+    return False
+
+
+def publish(staging: Path, output: Path) -> None:
+    """Move the finished ``staging`` file or directory to ``output``.
+
+    A file over a file (or over nothing) is one atomic ``os.replace``. A directory cannot be
+    renamed over a non-empty one, so a previous output is renamed aside first and removed
+    after: in between ``output`` is briefly absent, never partial."""
+    if not output.exists() or (staging.is_file() and output.is_file()):
+        os.replace(staging, output)
+        return
+    aside = output.with_name(f".{output.name}.replaced-{os.getpid()}")
+    remove(aside)
+    os.rename(output, aside)
+    os.rename(staging, output)
+    remove(aside)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree; nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -33,6 +33,7 @@ import pickle
 import signal
 import socket
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -132,6 +133,11 @@ def serve(
     run_server(settings, server)
 
 
+class Engine(StrEnum):
+    local = "local"
+    spark = "spark"
+
+
 @app.command()
 @guarded
 def recommend(
@@ -141,18 +147,59 @@ def recommend(
         Path, typer.Option(help="Parquet/CSV with a user_id column, or one id per line")
     ],
     k: Annotated[int, typer.Option(min=1, help="Tracks per user")] = 10,
-    output: Annotated[Path, typer.Option(help="Parquet file to write")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "--out",
+            help="Parquet to write: a file (local engine) or a directory of part files (spark)",
+        ),
+    ],
     tracking_uri: TrackingOpt = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local: this process; spark: a Spark job (needs Java 17)")
+    ] = Engine.local,
+    spark_master: Annotated[
+        str | None,
+        typer.Option(help="Spark master URL (default: local[2])", show_default=False),
+    ] = None,
+    partitions: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Spark partitions of the users (default: one per core, more when a "
+            "partition would exceed 20,000 users)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Write top-k recommendations for every listed user to Parquet."""
-    from tracktower.serving.batch import recommend_to_parquet
+    """Write top-k recommendations for every listed user to Parquet.
+
+    ``--engine spark`` runs the same scoring as Spark tasks (``serving/spark.py``), the rows
+    identical with an exact index; the model is resolved and downloaded here, on the driver.
+    """
     from tracktower.serving.resolve import resolve_artifact
 
+    if engine is Engine.local and (spark_master is not None or partitions is not None):
+        raise DataError("--spark-master and --partitions apply to --engine spark only")
     base = _settings()
     uri = tracking_uri or base.tracking_uri
     resolved = resolve_artifact(model or base.model_uri, tracking_uri=uri)
+    described = _describe(resolved.name, resolved.version)
+    if engine is Engine.spark:
+        from tracktower.serving.spark import DEFAULT_MASTER, recommend_with_spark
+
+        master = spark_master or DEFAULT_MASTER
+        run = recommend_with_spark(resolved, users, k, output, master=master, partitions=partitions)
+        typer.echo(
+            f"wrote {run.rows} rows to {output} ({described}; Spark {master}, "
+            f"{run.partitions} partitions, model opened by {run.model_loads} Python workers)"
+        )
+        return
+    from tracktower.serving.batch import recommend_to_parquet
+
     rows = recommend_to_parquet(resolved, users, k, output)
-    typer.echo(f"wrote {rows} rows to {output} ({_describe(resolved.name, resolved.version)})")
+    typer.echo(f"wrote {rows} rows to {output} ({described})")
 
 
 def check_exposure(settings: Settings) -> None:

@@ -13,6 +13,12 @@ it no choice) for resuming, until the next ``train`` on this host sweeps the sta
 beyond the newest ``keep_failed`` or older than ``max_age_days``. A live run's directory, or one
 owned by another host (its process cannot be checked from here), is never removed.
 
+Resuming (``tracktower train --resume``): :func:`claim_newest` picks the newest directory of a
+dead run with the same key that holds a backed-up epoch and makes it this process's by
+rewriting its owner record (atomically, under a lock on the root that :func:`sweep` takes too,
+so two resuming processes never both take one directory and a sweep never removes one being
+taken); the caller then reopens the MLflow run its name carries.
+
 A crash mid-backup is never restored as good: TensorFlow writes a checkpoint under a temporary
 prefix, renames it into place, and only then atomically rewrites the ``checkpoint`` state file
 that restoring reads, so a torn write leaves the previous epoch's state current.
@@ -21,6 +27,7 @@ that restoring reads, so a torn write leaves the previous epoch's state current.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -54,11 +61,14 @@ __all__ = [
     "ENV_VAR",
     "KEY_TAG",
     "Owner",
+    "claim",
+    "claim_newest",
     "default_root",
     "for_run",
     "has_state",
     "prepare_root",
     "read_owner",
+    "resumable",
     "run_key",
     "sweep",
 ]
@@ -165,6 +175,52 @@ def _last_written(path: Path) -> float:
     return max(times)
 
 
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """An exclusive lock on the root directory itself (no lock file left behind)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def resumable(root: Path | None, key: str) -> list[Path]:
+    """Directories of dead runs with ``key`` that hold a backed-up epoch, newest first."""
+    found: list[tuple[float, Path]] = []
+    for path in root.iterdir() if root is not None and root.is_dir() else ():
+        match = _NAME.fullmatch(path.name)
+        if match is None or match["key"] != key or not has_state(path):
+            continue
+        owner = read_owner(path)
+        with contextlib.suppress(OSError):
+            if owner is not None and owner.key == key and not owner.alive():
+                found.append((_last_written(path), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def claim(path: Path) -> Owner | None:
+    """Make a dead run's directory this process's (same run id and key); None when it is gone
+    or no longer dead (taken by another process meanwhile)."""
+    with _locked(path.parent):
+        owner = read_owner(path)
+        if owner is None or owner.alive() or not has_state(path):
+            return None
+        mine = Owner.current(owner.run_id, owner.key)
+        _write_owner(path, mine)
+    log.info("checkpoints: %s (resuming run %s)", path, mine.run_id)
+    return mine
+
+
+def claim_newest(root: Path | None, key: str) -> Owner | None:
+    """The newest resumable directory for ``key`` (see :func:`resumable`), claimed."""
+    for path in resumable(root, key):
+        if (owner := claim(path)) is not None:
+            return owner
+    return None
+
+
 def sweep(root: Path, policy: CheckpointConfig, *, now: float | None = None) -> list[Path]:
     """Remove the run directories of dead runs beyond the newest ``policy.keep_failed`` or older
     than ``policy.max_age_days``; returns what was removed.
@@ -172,11 +228,17 @@ def sweep(root: Path, policy: CheckpointConfig, *, now: float | None = None) -> 
     A directory with no owner record is one whose creation was cut short (the record is written
     a moment after the directory) and goes only once older than the age limit.
     """
-    now = time.time() if now is None else now
+    if not root.is_dir():
+        return []
+    with _locked(root):
+        return _sweep(root, policy, time.time() if now is None else now)
+
+
+def _sweep(root: Path, policy: CheckpointConfig, now: float) -> list[Path]:
     max_age = policy.max_age_days * _DAY
     dead: list[tuple[float, Path]] = []
     doomed: list[Path] = []
-    for path in root.iterdir() if root.is_dir() else ():
+    for path in root.iterdir():
         if not _NAME.fullmatch(path.name) or not path.is_dir():
             continue
         with contextlib.suppress(OSError):  # removed meanwhile by a concurrent sweep
@@ -193,30 +255,42 @@ def sweep(root: Path, policy: CheckpointConfig, *, now: float | None = None) -> 
     return doomed
 
 
-def _create(root: Path, owner: Owner) -> Path:
-    path = root / f"{owner.key}-{owner.run_id}"
-    path.mkdir()
+def _write_owner(path: Path, owner: Owner) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path, suffix=".tmp", delete=False) as tmp:
         json.dump(asdict(owner), tmp)
     os.replace(tmp.name, path / OWNER_FILE)  # never a half-written record
+
+
+def _create(root: Path, owner: Owner) -> Path:
+    path = root / f"{owner.key}-{owner.run_id}"
+    path.mkdir()
+    _write_owner(path, owner)
     return path
 
 
 @contextlib.contextmanager
 def for_run(
-    root: Path | None, policy: CheckpointConfig, key: str, run_id: str
+    root: Path | None, policy: CheckpointConfig, key: str, run_id: str, *, resumed: bool = False
 ) -> Iterator[Path | None]:
     """The run's checkpoint directory for the duration of its training (None when ``root`` is).
 
-    Dead runs' directories are swept first. On success the directory is removed; on any failure
-    or interrupt it is kept if it holds a backed-up epoch to resume from, removed otherwise.
+    Dead runs' directories are swept first. ``resumed``: the directory exists, already
+    :func:`claim`ed by this process, and Keras restores its backup. On success the directory is
+    removed; on any failure or interrupt it is kept if it holds a backed-up epoch to resume
+    from, removed otherwise.
     """
     if root is None:
         yield None
         return
-    sweep(root, policy)
-    path = _create(root, Owner.current(run_id, key))
-    log.info("checkpoints: %s", path)
+    if resumed:  # claimed first: the sweep sees it as a live run's
+        path = root / f"{key}-{run_id}"
+        if read_owner(path) != Owner.current(run_id, key):
+            raise RuntimeError(f"checkpoint directory {path} was not claimed by this process")
+        sweep(root, policy)
+    else:
+        sweep(root, policy)
+        path = _create(root, Owner.current(run_id, key))
+        log.info("checkpoints: %s", path)
     try:
         yield path
     except BaseException:

@@ -3,11 +3,15 @@
 
 The root command line (:mod:`tracktower.features.cli`) imports this module only for these
 commands. Heavy imports stay inside the commands, and the data is read and validated before
-TensorFlow is imported, so a bad file is reported in about a second.
+TensorFlow is imported, so a bad file is reported in about a second (except in a multi-worker
+``train``: its strategy joins the cluster first, before any TensorFlow op may run).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -17,6 +21,7 @@ from tracktower.features.cli import guarded, setup_logging
 
 if TYPE_CHECKING:
     from tracktower.training.config import ExperimentConfig
+    from tracktower.training.launcher import Role
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -53,6 +58,8 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 DEFAULT_CONFIG = Path("configs/default.yaml")
 # The run finished but its model did not pass the registration gate (training/champion.py).
 EXIT_NOT_REGISTERED = 3
+# A multi-worker job lost a worker (launcher.WorkerLost): restarting with --resume continues it.
+EXIT_WORKER_LOST = 4
 
 
 def experiment_config(
@@ -95,30 +102,82 @@ def train(
     baseline: Annotated[
         bool, typer.Option(help="Log the popularity baseline (once per dataset and split).")
     ] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the newest run of this same command that died after backing up an "
+            "epoch: its MLflow run, from that epoch (a new run when there is none)."
+        ),
+    ] = False,
+    local_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Run as N multi-worker processes on this machine (TF_CONFIG on loopback "
+            "ports, train.strategy=multi_worker); exits with the chief's status.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Train the two-tower model, evaluate it, export it and register it in MLflow."""
-    from tracktower.training import tracking
+    """Train the two-tower model, evaluate it, export it and register it in MLflow.
+
+    With ``TF_CONFIG`` set and ``train.strategy=multi_worker``, this process is one worker of a
+    cluster: the chief trains, exports and registers; the others only train with it.
+    """
+    from tracktower.training import launcher, tracking
 
     cfg = experiment_config(
         config, set_, interactions, tracks, experiment=experiment, run_name=run_name
     )
     setup_logging(verbose)
+    if local_workers is not None:
+        launcher.check(local_workers, cfg.train.strategy)
+        raise typer.Exit(launcher.launch(sys.argv[1:], local_workers))
     tracking.configure(tracking_uri)
+    role = _cluster_role(cfg)
     from tracktower.training import stages
 
-    result = stages.train(
-        cfg,
-        config_path=config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
-        final=final,
-        promote=promote,
-        baseline=baseline,
-    )
+    try:
+        if not role.chief:
+            stages.train_worker(cfg, final=final)
+            return
+        result = stages.train(
+            cfg,
+            config_path=config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
+            final=final,
+            promote=promote,
+            baseline=baseline,
+            resume=resume,
+        )
+    except launcher.WorkerLost as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_WORKER_LOST) from None
     if summary is not None:
         result.write(summary)
     for name, value in result.metrics.items():
         typer.echo(f"  test {name:16s} {value:.4f}")
     _outcome(result.run_id, result.model_uri, result.champion, result.champion_reason)
+
+
+def _cluster_role(cfg: ExperimentConfig) -> Role:
+    """Multi-worker, this process's role, with the strategy created now: it joins the cluster
+    and must exist before any other TensorFlow op (data preparation runs none)."""
+    from tracktower.training import launcher
+
+    if cfg.train.strategy != "multi_worker":
+        if os.environ.get(launcher.ENV_VAR):
+            logging.getLogger(__name__).warning(
+                "%s is set but train.strategy=%s: training on this machine alone "
+                "(set train.strategy=multi_worker to join the cluster)",
+                launcher.ENV_VAR,
+                cfg.train.strategy,
+            )
+        return launcher.Role(None, 0, 1, True)
+    role = launcher.role()
+    from tracktower.training.strategy import make_strategy
+
+    make_strategy(cfg.train.strategy)
+    return role
 
 
 MODEL_HELP = (

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tracktower.features.columns import ColumnMap
 from tracktower.features.errors import DataError, one_line
-from tracktower.features.index import DEFAULT_RECALL_FLOOR, MIN_SAMPLE
+from tracktower.features.index import DEFAULT_RECALL_FLOOR, DEFAULT_RECALL_TARGET, MIN_SAMPLE
 from tracktower.training.metrics import DEFAULT_KS
 
 
@@ -121,6 +121,13 @@ class CheckpointConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """``learning_rate`` and ``batch_size`` are one replica's: with N replicas (GPUs of a
+    ``mirrored`` run, or all workers' of a ``multi_worker`` one) a step takes N x batch_size
+    examples and Adam/Adagrad run at learning_rate x sqrt(N); SGD keeps its rate (its summed
+    gradient already grows with the batch). See ``tracktower.training.strategy``; the values
+    used are logged as ``resolved.*``.
+    """
+
     optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(0.003, gt=0.0)
     # "cosine" decays the learning rate to 0 over train.epochs (early stopping may end sooner).
@@ -174,11 +181,13 @@ class IndexConfig(_Strict):
     measured crossover). Recall@10/@100 against exact search is measured on a seeded sample of
     ``sample_users`` known users' query vectors (all of them when there are fewer; never a
     sample under 1,000); an index whose recall@100 stays below ``recall_floor`` after retuning
-    fails the export.
+    fails the export, and one above ``recall_target`` is searched narrower (fewer leaves, so
+    cheaper queries) as long as its measured recall@100 stays at or above the target.
     """
 
     backend: Literal["auto", "exact", "scann"] = "auto"
     recall_floor: float = Field(DEFAULT_RECALL_FLOOR, gt=0.0, le=1.0)
+    recall_target: float = Field(DEFAULT_RECALL_TARGET, gt=0.0, le=1.0)
     sample_users: int = Field(MIN_SAMPLE, ge=MIN_SAMPLE)
     # Every known user's top list (seen tracks excluded) searched through the index at export
     # and stored in the artifact, this wide: a server answers any k up to it with a slice of a

@@ -139,13 +139,14 @@ def build_retrieval_index(
 ) -> tuple[RetrievalIndex, IndexInfo]:
     """The index over the track embeddings, its recall measured on a seeded sample of the known
     users' query vectors (all when fewer than ``cfg.sample_users``); below ``cfg.recall_floor``
-    after retuning this raises a one-line DataError."""
+    after retuning this raises a one-line DataError, above ``cfg.recall_target`` it is narrowed."""
     users = arrays["user_embeddings"]
     return build_index(
         arrays["track_embeddings"],
         cfg.backend,
         seed=seed,
         recall_floor=cfg.recall_floor,
+        recall_target=cfg.recall_target,
         queries=users if len(users) else None,
         sample_size=cfg.sample_users,
     )

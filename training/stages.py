@@ -32,7 +32,7 @@ from tracktower.features import artifact as contract
 from tracktower.features.dataset import Encoded, reindex
 from tracktower.features.errors import DataError
 from tracktower.features.index import ExactIndex, IndexInfo, RetrievalIndex, search_excluding
-from tracktower.training import champion, checkpoints, tracking
+from tracktower.training import champion, checkpoints, launcher, tracking
 from tracktower.training.config import ExperimentConfig, PromotionConfig, flatten
 from tracktower.training.data import Prepared, prepare
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _SCRATCH_PREFIX = "tracktower-"
+RESUMED_TAG = "tracktower.resumed_epochs"
 
 __all__ = [
     "Heldout",
@@ -58,6 +59,7 @@ __all__ = [
     "register",
     "run_name",
     "train",
+    "train_worker",
 ]
 
 
@@ -98,6 +100,8 @@ class TrainSummary:
     baseline_metrics: dict[str, float] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0
+    # Epochs restored from a dead run's backup by --resume (0: trained from the first epoch).
+    resumed_epochs: int = 0
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +190,9 @@ def fit(
     Per-epoch values are logged as ``epoch_*`` curves; the plain ``val_*`` columns are those of
     the epoch whose weights are kept, so the runs table compares the models that were exported.
     The run's tags say where its per-epoch backups go (``checkpoint_dir``; none when None).
+    ``resolved.*`` params record what ``auto`` settings and the replica count made of the batch
+    and learning rate (:mod:`tracktower.training.strategy`); a resumed fit tags the run with the
+    epochs it restored (``tracktower.resumed_epochs``).
     """
     from tracktower.training.train import fit as fit_model
 
@@ -200,8 +207,18 @@ def fit(
     )
     seconds = time.perf_counter() - started
     tracking.log_params_flat(
-        {"resolved.batch_size": result.batch_size, "resolved.strategy": result.strategy}
+        {
+            "batch_size": result.batch_size,
+            "per_replica_batch_size": result.per_replica_batch_size,
+            "learning_rate": result.learning_rate,
+            "replicas": result.replicas,
+            "workers": result.workers,
+            "strategy": result.strategy,
+        },
+        prefix="resolved",
     )
+    if result.resumed_epochs:
+        tracking.set_tags({RESUMED_TAG: str(result.resumed_epochs)})
     tracking.log_metrics(result.best_val)
     tracking.log_metrics({"train_seconds": seconds, "best_epoch": result.best_epoch})
     return result, seconds
@@ -360,11 +377,18 @@ def train(
     final: bool = False,
     promote: bool | None = None,
     baseline: bool = True,
+    resume: bool = False,
 ) -> TrainSummary:
     """``tracktower train``: the stages above in order, inside one MLflow run.
 
     The checkpoint directory is checked first, so a bad one fails before any data is read.
+    ``resume``: continue the newest run of this same command (same :func:`checkpoints.run_key`)
+    that died with a backed-up epoch, in its own MLflow run, from that epoch; with none, one log
+    line says so and a new run starts. Multi-worker this is the chief's part; the other workers
+    run :func:`train_worker` and meet it in the same ``fit``.
     """
+    if not (role := _role(cfg)).chief:
+        raise DataError(f"this process is {role.name} of a cluster: see train_worker")
     checkpoint_root = checkpoints.prepare_root(cfg.train)
     data = prepare(cfg.data, cfg.split, final=final)
     log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
@@ -379,24 +403,18 @@ def train(
     tags[checkpoints.KEY_TAG] = key
     if baseline_id:
         tags["baseline_run_id"] = baseline_id
-    with tracking.experiment_run(cfg.experiment, name, tags=tags) as run:
-        run_id = str(run.info.run_id)
-        tracking.log_config(cfg, flatten(cfg), config_path, final=final)
-        tracking.log_dataset(data)
+    resumed = _claim_for_resume(cfg, checkpoint_root, key) if resume else None
+    with _training_run(cfg, name, tags, resumed) as run_id:
+        if resumed is None:  # a resumed run logged these before its first backup
+            tracking.log_config(cfg, flatten(cfg), config_path, final=final)
+            tracking.log_dataset(data)
         policy = cfg.train.checkpoints
-        with checkpoints.for_run(checkpoint_root, policy, key, run_id) as checkpoint_dir:
+        with checkpoints.for_run(
+            checkpoint_root, policy, key, run_id, resumed=resumed is not None
+        ) as checkpoint_dir:
+            _share_checkpoint_dir(cfg, checkpoint_dir)
             result, seconds = fit(cfg, data, checkpoint_dir)
-        with scratch_dir() as tmp:
-            exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
-            path = exported.path
-            log_index(exported.index)
-            metrics: dict[str, float] = {}
-            if held is not None:
-                metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)
-                tracking.log_test_metrics(metrics, title=f"{name} — test")
-                tracking.log_metrics(popular, prefix="baseline_test_")
-                contract.update_manifest(path, metrics={f"test_{k}": v for k, v in metrics.items()})
-            tracking.log_model(path)
+        metrics = _export_and_evaluate(cfg, data, result, held, popular, run_id, name)
         registration = register(run_id, model_name=cfg.model_name, promote=_promote(final, promote))
     log.info("%s: %s", registration.model_uri or "not registered", registration.reason)
     return TrainSummary(
@@ -412,7 +430,151 @@ def train(
         baseline_metrics=popular,
         dataset={"fingerprint": data.fingerprint, **data.stats},
         train_seconds=seconds,
+        resumed_epochs=result.resumed_epochs,
     )
+
+
+def _export_and_evaluate(
+    cfg: ExperimentConfig,
+    data: Prepared,
+    result: FitResult,
+    held: Heldout | None,
+    popular: dict[str, float],
+    run_id: str,
+    name: str,
+) -> dict[str, float]:
+    """Export, score the artifact on the test split (unless ``--final``), log the model; returns
+    the test metrics."""
+    with scratch_dir() as tmp:
+        exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
+        path = exported.path
+        log_index(exported.index)
+        metrics: dict[str, float] = {}
+        if held is not None:
+            metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)
+            tracking.log_test_metrics(metrics, title=f"{name} — test")
+            tracking.log_metrics(popular, prefix="baseline_test_")
+            contract.update_manifest(path, metrics={f"test_{k}": v for k, v in metrics.items()})
+        tracking.log_model(path)
+    return metrics
+
+
+def train_worker(cfg: ExperimentConfig, *, final: bool = False) -> None:
+    """A non-chief worker's part of ``tracktower train``: the same data and the same ``fit`` as
+    the chief (every step is a collective over all workers), and nothing else: no MLflow, no
+    export, and no file but Keras's own ``workertemp_<index>`` in the chief's checkpoint
+    directory, which must be the same path on every worker (a shared file system across hosts).
+    """
+    from tracktower.training.strategy import make_strategy, share_from_chief
+    from tracktower.training.train import fit as fit_model
+
+    role = _role(cfg)
+    make_strategy(cfg.train.strategy)  # joins the cluster before anything else touches TF
+    data = prepare(cfg.data, cfg.split, final=final)
+    log.info("%s: dataset %s (fingerprint %s)", role.name, data.source, data.fingerprint[:12])
+    check_size(cfg.promotion, data)
+    shared = json.loads(share_from_chief(make_strategy(cfg.train.strategy), None))
+    checkpoint_dir = Path(shared["dir"]) if shared["dir"] else None
+    if checkpoint_dir is not None and shared["state"] != checkpoints.has_state(checkpoint_dir):
+        raise DataError(
+            f"train.checkpoints.dir: the chief resumes from {checkpoint_dir}, which this worker "
+            f"({role.name}) does not see; multi-worker checkpoints need one file system shared "
+            "by every worker at the same path"
+        )
+    result = fit_model(cfg, data.encoded, data.track_artist, checkpoint_dir=checkpoint_dir)
+    log.info(
+        "%s: done (%d epochs); the chief exports and registers", role.name, len(result.history)
+    )
+
+
+def _role(cfg: ExperimentConfig) -> launcher.Role:
+    """This process's multi-worker role (a single process is its own chief)."""
+    if cfg.train.strategy != "multi_worker":
+        return launcher.Role(None, 0, 1, True)
+    return launcher.role()
+
+
+def _share_checkpoint_dir(cfg: ExperimentConfig, checkpoint_dir: Path | None) -> None:
+    """Multi-worker, tell the other workers (waiting in :func:`train_worker`) which directory to
+    back up to and restore from, and whether it holds a backup: theirs must be the same."""
+    if cfg.train.strategy != "multi_worker":
+        return
+    from tracktower.training.strategy import make_strategy, share_from_chief
+
+    state = checkpoint_dir is not None and checkpoints.has_state(checkpoint_dir)
+    text = json.dumps({"dir": str(checkpoint_dir or ""), "state": state})
+    share_from_chief(make_strategy(cfg.train.strategy), text)
+
+
+def _claim_for_resume(
+    cfg: ExperimentConfig, root: Path | None, key: str
+) -> checkpoints.Owner | None:
+    """The newest dead run of this command with a backup, made this process's, whose MLflow run
+    can be reopened (one in this experiment, not deleted); None (and one log line) if none."""
+    for path in checkpoints.resumable(root, key):
+        owner = checkpoints.read_owner(path)
+        problem = owner and _reopen_problem(owner.run_id, cfg.experiment)
+        if owner is None or problem:
+            log.warning("--resume: skipping %s: %s", path, problem or "no owner record")
+            continue
+        if (claimed := checkpoints.claim(path)) is not None:
+            return claimed
+    where = f"in {root}" if root is not None else "(checkpoints are off for this config)"
+    log.info(
+        "--resume: no checkpoint of an earlier run of this command (key %s) to resume %s; "
+        "starting a new run",
+        key,
+        where,
+    )
+    return None
+
+
+@contextlib.contextmanager
+def _training_run(
+    cfg: ExperimentConfig,
+    name: str,
+    tags: dict[str, str],
+    resumed: checkpoints.Owner | None,
+) -> Iterator[str]:
+    """A new MLflow run, or the resumed one reopened (RUNNING again, owned by this process);
+    yields its id. Either ends FINISHED on success, KILLED on an interrupt, FAILED otherwise."""
+    if resumed is None:
+        with tracking.experiment_run(cfg.experiment, name, tags=tags) as run:
+            yield str(run.info.run_id)
+        return
+    import mlflow
+
+    tracking.initialise_store(mlflow.get_tracking_uri())
+    experiment_id = tracking.get_run(mlflow.MlflowClient(), resumed.run_id).info.experiment_id
+    # The dead run is still RUNNING unless a later run's start marked it KILLED: mark it now,
+    # so its record shows the crash even though it is about to run again.
+    tracking.end_dead_runs(experiment_id)
+    with tracking.resumed_run(resumed.run_id):  # RUNNING again
+        # Owner tags name this process now: a concurrent start must not take it for dead.
+        tracking.set_tags({**tags, **tracking._owner_tags()})
+        log.info("--resume: reopened MLflow run %s", resumed.run_id)
+        try:
+            yield resumed.run_id
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+
+
+def _reopen_problem(run_id: str, experiment: str) -> str | None:
+    """Why the MLflow run ``run_id`` cannot be resumed in ``experiment``; None if it can."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run = tracking.get_run(client, run_id)
+    except DataError as exc:
+        return str(exc)
+    if run.info.lifecycle_stage == "deleted":
+        return f"its MLflow run {run_id} was deleted"
+    name = client.get_experiment(run.info.experiment_id).name
+    if name != experiment:
+        return f"its MLflow run {run_id} is in experiment {name!r}, not {experiment!r}"
+    return None
 
 
 @contextlib.contextmanager

@@ -49,13 +49,59 @@ _MODEL_CODE = (
 _CURVE_KEY = re.compile(r"^(?P<series>.*?(?:recall|ndcg))_at_(?P<k>\d+)$")
 
 
+# MLflow's own HTTP client settings (tracking, registry and proxied-artifact requests), given
+# these defaults where the environment leaves them unset: (default, type, lowest, highest).
+# MLflow retries a refused or dropped connection, a timeout and 408/429/500/502/503/504 answers,
+# waiting 0, 2, 4, 8, ... s (factor x 2^(n-1), at most 120 s, plus up to JITTER s) between
+# attempts: 8 retries at factor 1 outlast an outage of about four minutes (a server restart or
+# rolling upgrade, a database failover) and a restart of a few seconds costs a few seconds
+# (MLflow's own defaults, 7 retries at factor 2, wait 0, 4, 8, ... s). The timeout is per
+# attempt (connect, then each read), so a large artifact upload is not cut off by it.
+HTTP_RETRY_SETTINGS: dict[str, tuple[str, type[int] | type[float], float, float | None]] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": ("8", int, 0, 10),  # 10: MLflow's own ceiling
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": ("1", int, 0, 120),  # MLflow reads an integer
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": ("1.0", float, 0, None),
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": ("120", int, 1, None),
+}
+
+
 def configure(tracking_uri: str | None) -> None:
     """Pin the store so every entry point agrees where runs live: argument, then
-    ``MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db`` in the cwd (a registry needs a DB)."""
+    ``MLFLOW_TRACKING_URI``, then ``sqlite:///mlflow.db`` in the cwd (a registry needs a DB).
+
+    Also fills in MLflow's HTTP retry settings (:func:`http_retry_settings`) in ``os.environ``,
+    where MLflow reads them at every request and child processes (workers) inherit them."""
     import mlflow
 
+    os.environ.update(http_retry_settings())
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
+
+
+def http_retry_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow's HTTP retry settings in force: the environment's where set, else tracktower's
+    defaults (see ``HTTP_RETRY_SETTINGS``). A value MLflow would reject is a one-line DataError
+    now, not a traceback at the run's first request to the server."""
+    from tracktower.features.errors import DataError
+
+    env = os.environ if environ is None else environ
+    settings = {}
+    for name, (default, kind, low, high) in HTTP_RETRY_SETTINGS.items():
+        raw = env.get(name, default)
+        value = _finite_number(kind, raw)
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"{low:g}..{high:g}" if high is not None else f">= {low:g}"
+            raise DataError(f"{name}: expected {kind.__name__} {bound}, got {raw!r}")
+        settings[name] = raw.strip()
+    return settings
+
+
+def _finite_number(kind: type[int] | type[float], raw: str) -> float | None:
+    try:
+        value = kind(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def initialise_store(uri: str) -> None:

@@ -6,10 +6,20 @@ epoch's weights. Given a ``checkpoint_dir``, Keras's ``BackupAndRestore`` backs 
 up there after every epoch, and a job that dies mid-run, started again with the same directory,
 resumes after its last finished epoch. ``tracktower train`` gives each run its own persistent
 directory (:mod:`tracktower.training.checkpoints`).
+
+Several replicas (GPUs, workers) share each step: the global batch and the learning rate follow
+their number by the rule in :mod:`tracktower.training.strategy`. Multi-worker, every worker runs
+this same ``fit`` (each step is an all-reduce over all of them) on its shard of the input
+(``tf.data`` auto-sharding by DATA: the same seeded shuffle everywhere, each worker keeps its
+part of every global batch), and all must take the same number of epochs: the chief alone
+computes the validation metrics, without any collective op, then hands them to every worker
+(:func:`~tracktower.training.strategy.share_from_chief`), so early stopping sees the same values
+and stops at the same epoch everywhere instead of leaving one worker waiting on the others.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,11 +33,18 @@ import scipy.sparse as sp
 from tracktower.features.dataset import Encoded
 from tracktower.features.errors import DataError
 from tracktower.features.tf import tf
-from tracktower.training import evaluate, pipeline
+from tracktower.training import evaluate, launcher, pipeline
 from tracktower.training.config import ExperimentConfig, TrainConfig
 from tracktower.training.metrics import users_with_heldout
 from tracktower.training.model import TwoTowerModel
-from tracktower.training.strategy import configure_precision, make_strategy
+from tracktower.training.strategy import (
+    configure_precision,
+    make_strategy,
+    scaled_learning_rate,
+    share_from_chief,
+    worker_loss,
+    workers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +60,10 @@ class FitResult:
     ``history`` has one row per epoch run (``loss``, ``examples_per_sec``, ``epoch_seconds``,
     ``val_*``); ``best_epoch`` (1-based) is the epoch whose weights the model holds and
     ``best_val`` its ``val_*`` metrics (empty when there was nothing to validate on).
+    ``resumed_epochs`` counts the epochs restored from a backup instead of run (0: none).
+
+    ``batch_size`` is the global batch, ``per_replica_batch_size x replicas``, and
+    ``learning_rate`` the rate after scaling (:mod:`tracktower.training.strategy`).
     """
 
     model: TwoTowerModel
@@ -53,15 +74,21 @@ class FitResult:
     batch_size: int = 0
     strategy: str = ""
     replicas: int = 1
+    per_replica_batch_size: int = 0
+    learning_rate: float = 0.0
+    workers: int = 1
+    resumed_epochs: int = 0
 
 
-def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
-    lr: float | tf.keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
+def _optimizer(
+    cfg: TrainConfig, steps_per_epoch: int, learning_rate: float
+) -> tf.keras.optimizers.Optimizer:
+    lr: float | tf.keras.optimizers.schedules.LearningRateSchedule = learning_rate
     if cfg.lr_schedule == "cosine":
         # Decays to ~0 at the last allowed epoch: the late, small steps settle the embeddings
         # that a constant rate keeps shaking, and early stopping still keeps the best epoch.
         lr = tf.keras.optimizers.schedules.CosineDecay(
-            cfg.learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch)
+            learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch)
         )
     if cfg.optimizer == "adam":
         return tf.keras.optimizers.Adam(lr)
@@ -75,6 +102,8 @@ class _Validation(tf.keras.callbacks.Callback):
     (what ``EarlyStopping`` monitors, so this callback must come before it), throughput and time.
 
     Validation users see their training history and have it excluded, as test users see theirs.
+    Multi-worker, only the chief scores them and every worker gets the chief's values (see the
+    module docstring); ``strategy`` is what decides whether values are shared at all.
     """
 
     def __init__(
@@ -83,14 +112,20 @@ class _Validation(tf.keras.callbacks.Callback):
         data: Encoded,
         n_examples: int,
         on_epoch: EpochHook | None,
+        *,
+        strategy: tf.distribute.Strategy | None = None,
+        chief: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.data = data
         self.n_examples = n_examples
         self.on_epoch = on_epoch
+        self.strategy = strategy
+        self.chief = chief
         self.rows: dict[int, dict[str, float]] = {}  # 1-based epoch -> row
         self.started = 0.0
+        self.first_epoch: int | None = None  # 0-based; > 0 when Keras resumed from a backup
         users = users_with_heldout(data.val, data.val_unknown)
         if len(users) > cfg.train.max_val_users:
             rng = np.random.default_rng(cfg.train.seed)
@@ -102,6 +137,15 @@ class _Validation(tf.keras.callbacks.Callback):
         return f"val_{self.cfg.train.early_stopping.metric}"
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self.first_epoch is None:
+            self.first_epoch = epoch
+            if epoch > 0:
+                log.info(
+                    "resumed from the backup: epochs 1-%d restored, continuing at epoch %d/%d",
+                    epoch,
+                    epoch + 1,
+                    self.params.get("epochs", 0),
+                )
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -113,7 +157,7 @@ class _Validation(tf.keras.callbacks.Callback):
             "epoch_seconds": seconds,
         }
         if len(self.val_users):
-            row.update({f"val_{k}": v for k, v in self._validate().items()})
+            row.update({f"val_{k}": v for k, v in self._shared_validation().items()})
             if self.monitor not in row:
                 names = ", ".join(k.removeprefix("val_") for k in row if k.startswith("val_"))
                 raise DataError(
@@ -137,6 +181,16 @@ class _Validation(tf.keras.callbacks.Callback):
         )
         if self.on_epoch:
             self.on_epoch(epoch + 1, row)
+
+    def _shared_validation(self) -> dict[str, float]:
+        """The chief's metrics, on every worker. The chief's towers read its local copy of the
+        weights (identical everywhere after each step's all-reduce): no collective op, so the
+        others need not run the same calls; they wait in the share, which is one."""
+        if self.strategy is None or workers(self.strategy) == 1:
+            return self._validate()
+        mine = json.dumps(self._validate()) if self.chief else None
+        shared: dict[str, float] = json.loads(share_from_chief(self.strategy, mine))
+        return shared
 
     def _validate(self) -> dict[str, float]:
         return evaluate.evaluate_model(
@@ -188,8 +242,12 @@ def fit(
     """Train on ``data.train``, validate on ``data.val`` each epoch, keep the best epoch.
 
     ``checkpoint_dir`` (None: no backups) must outlive the process to be of any use: it holds the
-    state of the last finished epoch until training completes, and is emptied then.
-    ``on_epoch(epoch, row)`` is called after every epoch with the 1-based epoch and its row.
+    state of the last finished epoch until training completes, and is emptied then; given one
+    that holds a backup, training resumes after its epoch. Multi-worker, every worker passes the
+    same directory (on a shared file system across hosts): the chief writes it, the others
+    write only Keras's ``workertemp_<index>`` folder in it, which Keras removes after each save,
+    and all restore from it. ``on_epoch(epoch, row)`` is called after every epoch with the
+    1-based epoch and its row.
     """
     tf.keras.utils.set_random_seed(cfg.train.seed)
     configure_precision(cfg.train.mixed_precision)
@@ -201,45 +259,96 @@ def fit(
     examples = pipeline.make_examples(data.train, cfg.train.weighting)
     if len(examples) == 0:
         raise ValueError("no training interactions left after the split")
-    batch_size = (
-        pipeline.auto_batch_size(len(examples))
-        if cfg.train.batch_size == "auto"
-        else int(cfg.train.batch_size)
-    )
-    ds = pipeline.training_dataset(
-        examples,
-        data.train,
-        batch_size=batch_size,
-        history_max_len=cfg.model.history_max_len,
-        user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,
-        seed=cfg.train.seed,
-    )
-    with strategy.scope():
-        model = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
-        model.compile(optimizer=_optimizer(cfg.train, max(1, int(ds.cardinality()))))
-    validation = _Validation(cfg, data, len(examples), on_epoch)
+    model, ds, per_replica, lr = _model_and_batches(cfg, data, examples, strategy, track_artist)
+    replicas = int(strategy.num_replicas_in_sync)
+    n_workers = workers(strategy)
+    chief = n_workers == 1 or launcher.role().chief
+    validation = _Validation(cfg, data, len(examples), on_epoch, strategy=strategy, chief=chief)
     callbacks, stopper = _callbacks(cfg, validation, checkpoint_dir)
     log.info(
-        "training on %d interactions, %d users, %d tracks, batch %d, strategy %s (%d replicas)",
+        "training on %d interactions, %d users, %d tracks, batch %d (%d per replica), "
+        "learning rate %g, strategy %s (%d replicas, %d workers)",
         len(examples),
         len(data.user_ids),
         len(data.track_ids),
-        batch_size,
+        per_replica * replicas,
+        per_replica,
+        lr,
         type(strategy).__name__,
-        strategy.num_replicas_in_sync,
+        replicas,
+        n_workers,
     )
-    model.fit(ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
+    with worker_loss():
+        model.fit(ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=0)
     best_epoch = max(validation.rows, default=0)
     if stopper is not None and stopper.best_weights is not None:
         best_epoch = stopper.best_epoch + 1
     best = validation.rows.get(best_epoch, {})
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        model = _local_copy(model, cfg, data, track_artist)
     return FitResult(
         model=model,
         known=(data.train + data.val).tocsr(),
         history=[validation.rows[e] for e in sorted(validation.rows)],
         best_epoch=best_epoch,
         best_val={k: v for k, v in best.items() if k.startswith("val_")},
-        batch_size=batch_size,
+        batch_size=per_replica * replicas,
         strategy=type(strategy).__name__,
-        replicas=strategy.num_replicas_in_sync,
+        replicas=replicas,
+        per_replica_batch_size=per_replica,
+        learning_rate=lr,
+        workers=n_workers,
+        resumed_epochs=validation.first_epoch or 0,
     )
+
+
+def _model_and_batches(
+    cfg: ExperimentConfig,
+    data: Encoded,
+    examples: pipeline.Examples,
+    strategy: tf.distribute.Strategy,
+    track_artist: np.ndarray | None,
+) -> tuple[TwoTowerModel, tf.data.Dataset, int, float]:
+    """The compiled model under ``strategy``, the global batches, and the scaling rule's
+    per-replica batch and learning rate (:mod:`tracktower.training.strategy`)."""
+    replicas = int(strategy.num_replicas_in_sync)
+    per_replica = (
+        pipeline.auto_batch_size(len(examples))
+        if cfg.train.batch_size == "auto"
+        else int(cfg.train.batch_size)
+    )
+    ds = _sharded(
+        pipeline.training_dataset(
+            examples,
+            data.train,
+            batch_size=per_replica * replicas,
+            history_max_len=cfg.model.history_max_len,
+            user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,
+            seed=cfg.train.seed,
+        )
+    )
+    lr = scaled_learning_rate(cfg.train.optimizer, cfg.train.learning_rate, replicas)
+    with strategy.scope():
+        model = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
+        model.compile(optimizer=_optimizer(cfg.train, max(1, int(ds.cardinality())), lr))
+    return model, ds, per_replica, lr
+
+
+def _sharded(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Auto-shard by DATA, said explicitly: the examples are in memory, not in files, so the
+    default (FILE, then DATA) would only warn before doing the same. Inert on one worker."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
+def _local_copy(
+    model: TwoTowerModel, cfg: ExperimentConfig, data: Encoded, track_artist: np.ndarray | None
+) -> TwoTowerModel:
+    """The trained weights in a model outside any strategy. A multi-worker model's variables
+    are distributed ones, and saving them (the export's SavedModel) reads its Keras metric
+    variables across workers: a collective op the chief would wait in alone once the others
+    have finished. The copy's variables are plain."""
+    plain = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
+    plain.set_weights(model.get_weights())
+    return plain

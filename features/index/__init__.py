@@ -22,6 +22,7 @@ from tracktower.features.index.scann_index import ScannIndex, default_params
 from tracktower.features.index.select import (
     AUTO_MIN_TRACKS,
     DEFAULT_RECALL_FLOOR,
+    DEFAULT_RECALL_TARGET,
     build_index,
     choose_backend,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_OVERFETCH",
     "DEFAULT_RECALL_FLOOR",
+    "DEFAULT_RECALL_TARGET",
     "MIN_SAMPLE",
     "ExactIndex",
     "IndexInfo",

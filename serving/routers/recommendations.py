@@ -7,8 +7,10 @@ ScaNN index ``auto`` picks there: a known user's search (over-fetch past the see
 rescoring) took 1.0 ms at p50 and 1.9 ms at p99, more than the 1-2 ms at p50 that the hop into
 the threadpool (a GIL hand-off) costs on a busy 2-core box, and exact search over that catalogue
 3.2 ms; not sub-millisecond, so a cache miss goes to a thread. Every POST (sessions: the
-TensorFlow history tower, then a search; request-time excludes) runs in a thread too; a GET for
-an unknown user is a slice of the popularity list and stays on the loop.
+TensorFlow history tower, then a search; request-time excludes) runs in a thread too, through
+the app's ``Coalescer``: concurrent POSTs share one tower call and one search (see
+``serving/coalesce.py``); a GET for an unknown user is a slice of the popularity list and stays
+on the loop.
 
 The batch handler scores in a worker thread, behind two limits (settings):
 
@@ -35,6 +37,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from tracktower.serving.artifact import Item, Recommendation
+from tracktower.serving.artifact import Query as Asked
+from tracktower.serving.coalesce import Coalescer
 from tracktower.serving.deps import Serving, ServingDep
 from tracktower.serving.errors import BATCH_503, NOT_READY_503, ApiError, documented
 from tracktower.serving.limits import BatchGate, Deadline, DeadlineExceeded
@@ -170,19 +174,16 @@ async def user_recommendations(
 async def recommend(
     body: Annotated[RecommendRequest, Body(openapi_examples=RECOMMEND_EXAMPLES)],
     serving: ServingDep,
+    request: Request,
 ) -> Response:
     """Top-k with request-time excludes; ``recent_track_ids`` personalise unknown users."""
     settings = serving.settings
     _check_id(body.user_id, "user_id", settings)
     _check_ids(body.exclude_track_ids, "exclude_track_ids", settings.max_track_ids, settings)
     _check_ids(body.recent_track_ids, "recent_track_ids", settings.max_track_ids, settings)
-    rec = await run_in_threadpool(
-        serving.recommender.recommend,
-        body.user_id,
-        _k(body.k, settings),
-        exclude_track_ids=body.exclude_track_ids,
-        recent_track_ids=body.recent_track_ids,
-    )
+    query = Asked(body.user_id, _k(body.k, settings), body.exclude_track_ids, body.recent_track_ids)
+    coalescer: Coalescer = request.app.state.coalescer
+    rec = await coalescer.recommend(serving.recommender, query)
     serving.metrics.count_source(rec.source)
     return _response(body.user_id, rec, serving)
 

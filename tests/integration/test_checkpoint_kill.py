@@ -1,9 +1,11 @@
 """Checkpoints of real ``tracktower train`` processes: a ``kill -9`` mid-training leaves the
-run's backed-up epoch in the configured directory (not the temp dir), and the next ``train``
-sweeps it by the retention settings and removes its own directory when it finishes."""
+run's backed-up epoch in the configured directory (not the temp dir); the next ``train`` sweeps
+it by the retention settings and removes its own directory when it finishes, or, with
+``--resume``, continues it from that epoch in the same MLflow run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from tracktower.features import synth
 from tracktower.training import checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,3 +91,58 @@ def test_a_killed_runs_checkpoint_is_kept_then_swept_and_a_finished_run_leaves_n
     assert finished.info.status == "FINISHED"
     assert Path(finished.data.tags[checkpoints.DIR_TAG]).parent == root
     assert client.get_run(owner.run_id).info.status == "KILLED"
+
+
+def _epochs_run(log: str) -> list[int]:
+    """The epochs a ``train`` process ran, from its ``epoch N/M`` log lines."""
+    return [int(line.split(" epoch ", 1)[1].split("/")[0]) for line in log.splitlines()
+            if " INFO tracktower.training.train: epoch " in line]  # fmt: skip
+
+
+def test_resume_continues_a_killed_run_from_its_last_backup_in_the_same_mlflow_run(
+    tmp_path: Path,
+) -> None:
+    env = _env(tmp_path)
+    synth.save(tmp_path / "synth", *synth.generate(users=700, tracks=1800, seed=0))
+    root = tmp_path / "ckpt"
+    args = _train_args(tmp_path / "synth", "--set", "train.epochs=4",
+                       "--set", "train.early_stopping.patience=10")  # fmt: skip
+    victim = subprocess.Popen(
+        args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        killed_dir = _wait_for_backup(root, victim)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=60)
+    owner = checkpoints.read_owner(killed_dir)
+    assert owner is not None
+
+    summary = tmp_path / "summary.json"
+    done = subprocess.run(
+        [*args, "--resume", "--summary", str(summary)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(summary.read_text())
+    restored = result["resumed_epochs"]
+    # The same run, from the epoch after the last one backed up (epoch 1 at least), not epoch 1.
+    assert result["run_id"] == owner.run_id and 1 <= restored < 4
+    assert f"resumed from the backup: epochs 1-{restored} restored" in done.stderr
+    assert _epochs_run(done.stderr) == list(range(restored + 1, 5))
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(owner.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[checkpoints.DIR_TAG] == str(killed_dir)
+    assert run.data.tags["tracktower.resumed_epochs"] == str(restored)
+    assert run.data.tags["tracktower.pid"] != str(owner.pid)  # owned by the resuming process
+    (experiment,) = [e for e in client.search_experiments() if e.name == "tracktower-smoke"]
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    versions = client.search_model_versions("name = 'tracktower'")
+    assert [v.run_id for v in versions] == [owner.run_id]
+    # Each epoch once in the curves, but the one the kill interrupted after it was logged and
+    # before its backup, which the resumed run logs again.
+    steps = [m.step for m in client.get_metric_history(owner.run_id, "epoch_loss")]
+    assert sorted(set(steps)) == [1, 2, 3, 4] and len(steps) - 4 <= 1
+    assert list(root.iterdir()) == []  # finished: its directory removed

@@ -250,3 +250,69 @@ def test_a_run_that_dies_before_its_first_backup_leaves_nothing(tmp_path: Path) 
 def test_no_root_means_no_directory() -> None:
     with checkpoints.for_run(None, CheckpointConfig(), "0123456789ab", RUN_A) as path:
         assert path is None
+
+
+# Resuming.
+
+KEY = "0123456789ab"
+
+
+def test_only_dead_runs_of_the_same_key_with_a_backup_are_resumable_newest_first(
+    tmp_path: Path,
+) -> None:
+    pid = _dead_pid()
+    older = _run_dir(tmp_path, _owner(RUN_A, pid=pid), age_days=2, state=True)
+    newer = _run_dir(tmp_path, _owner(RUN_B, pid=pid), age_days=1, state=True)
+    _run_dir(tmp_path, _owner("c" * 32, pid=pid), state=False)  # died before its first backup
+    _run_dir(tmp_path, _owner("d" * 32), state=True)  # alive: this very process
+    _run_dir(tmp_path, _owner("e" * 32, pid=pid, key="fedcba987654"), state=True)  # other key
+    _run_dir(tmp_path, _owner("f" * 32, pid=pid, host="elsewhere"), state=True)  # unknowable
+    _run_dir(tmp_path, None, name=f"{KEY}-{'9' * 32}", state=True)  # no owner record
+    assert checkpoints.resumable(tmp_path, KEY) == [newer, older]
+    assert checkpoints.resumable(tmp_path / "missing", KEY) == []
+    assert checkpoints.resumable(None, KEY) == []
+
+
+def test_claiming_rewrites_the_owner_and_only_one_process_gets_it(tmp_path: Path) -> None:
+    dead = _run_dir(tmp_path, _owner(RUN_A, pid=_dead_pid()), state=True)
+    mine = checkpoints.claim(dead)
+    assert mine == Owner.current(RUN_A, KEY) == checkpoints.read_owner(dead)
+    assert sorted(p.name for p in dead.iterdir()) == ["chief", checkpoints.OWNER_FILE]  # no tmp
+    assert checkpoints.claim(dead) is None  # now a live run's
+    assert checkpoints.resumable(tmp_path, KEY) == []
+    assert checkpoints.claim(tmp_path / f"{KEY}-{RUN_B}") is None  # gone meanwhile
+
+
+def test_claim_newest_takes_the_newest_and_the_sweep_keeps_it(tmp_path: Path) -> None:
+    pid = _dead_pid()
+    older = _run_dir(tmp_path, _owner(RUN_A, pid=pid), age_days=2, state=True)
+    newer = _run_dir(tmp_path, _owner(RUN_B, pid=pid), age_days=1, state=True)
+    owner = checkpoints.claim_newest(tmp_path, KEY)
+    assert owner is not None and owner.run_id == RUN_B
+    with checkpoints.for_run(
+        tmp_path, CheckpointConfig(keep_failed=0), KEY, RUN_B, resumed=True
+    ) as path:
+        assert path == newer and not older.exists()  # a dead run's swept, the claimed one kept
+    assert not newer.exists()  # finished: removed like any run's
+    assert checkpoints.claim_newest(tmp_path, KEY) is None
+
+
+def test_a_resumed_directory_must_have_been_claimed(tmp_path: Path) -> None:
+    _run_dir(tmp_path, _owner(RUN_A, pid=_dead_pid()), state=True)
+    with (
+        pytest.raises(RuntimeError, match="not claimed by this process"),
+        checkpoints.for_run(tmp_path, CheckpointConfig(), KEY, RUN_A, resumed=True),
+    ):
+        pass
+
+
+def test_resume_with_nothing_to_resume_says_so_in_one_line_and_starts_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config_from_mapping({})
+    _run_dir(tmp_path, _owner(RUN_A), state=True)  # alive: not resumable
+    with caplog.at_level("INFO", logger="tracktower.training.stages"):
+        assert stages._claim_for_resume(cfg, tmp_path, KEY) is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("--resume: no checkpoint of an earlier run")
+    assert KEY in lines[0] and "starting a new run" in lines[0]

@@ -16,6 +16,7 @@ from tracktower.features.index import (
     build_index,
     choose_backend,
 )
+from tracktower.features.index.recall import recall_against
 
 
 def test_auto_threshold() -> None:
@@ -63,6 +64,31 @@ def test_retuning_widens_the_search_until_the_floor_holds() -> None:
     index, info = build_index(candidates, "scann", queries=queries, params=narrow)
     assert info.recall_at_100 is not None and info.recall_at_100 >= 0.95
     assert info.params["leaves_to_search"] > 1 and info.params == index.params
+
+
+def test_an_easy_index_is_narrowed_while_recall_holds_the_target() -> None:
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(40, 16)) * 4
+    candidates = (centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, 16))).astype("f4")
+    users = (centres[rng.integers(0, 40, 300)] + rng.normal(size=(300, 16))).astype("f4")
+    wide = {"num_leaves": 40, "leaves_to_search": 32, "reorder": 200, "reorder_per_k": 2}
+    _, as_given = build_index(candidates, "scann", queries=users, params=wide)
+    assert as_given.params["leaves_to_search"] == 32  # the caller's search settings are kept
+    defaults = {k: v for k, v in wide.items() if k != "leaves_to_search"}
+    index, info = build_index(candidates, "scann", queries=users, params=defaults)
+    leaves = info.params["leaves_to_search"]
+    assert leaves < 4 and info.params == index.params  # 10% of 40 leaves, halved at least once
+    assert info.recall_at_100 is not None and info.recall_at_100 >= 0.98
+    # One step narrower would have missed the target: narrowing stopped where it must.
+    truth, _ = ExactIndex(candidates).search(users, 100)
+    narrower = index.with_search_params(leaves_to_search=leaves // 2)
+    if leaves > 1:
+        assert (
+            recall_against(narrower, ExactIndex(candidates), users, truth, (100,))["recall_at_100"]
+            < 0.98
+        )
+    _, strict = build_index(candidates, "scann", queries=users, params=defaults, recall_target=1.0)
+    assert strict.params["leaves_to_search"] >= leaves
 
 
 def test_recall_below_the_floor_is_a_one_line_error() -> None:

@@ -147,10 +147,10 @@ def test_cosine_schedule_spans_all_allowed_epochs():
     from tracktower.training.config import TrainConfig
     from tracktower.training.train import _optimizer
 
-    constant = _optimizer(TrainConfig(learning_rate=0.01), 10).get_config()["learning_rate"]
+    constant = _optimizer(TrainConfig(), 10, 0.01).get_config()["learning_rate"]
     assert np.isclose(constant, 0.01)
     cfg = TrainConfig(lr_schedule="cosine", learning_rate=0.01, epochs=3)
-    schedule = _optimizer(cfg, 10).get_config()["learning_rate"]
+    schedule = _optimizer(cfg, 10, cfg.learning_rate).get_config()["learning_rate"]
     assert schedule["class_name"] == "CosineDecay"
     assert schedule["config"]["decay_steps"] == 30 and schedule["config"]["alpha"] == 0.0
 

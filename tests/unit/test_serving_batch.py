@@ -1,7 +1,9 @@
-"""Batch scoring to Parquet and its users-file reader."""
+"""Batch scoring to Parquet, its users-file reader, the output path both engines share, and the
+Spark engine's checks and helpers that need no JVM (the Spark runs: tests/integration)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 from builders import brute_force, cached_artifact, fake_arrays, seen_of, user_id
 
 from tracktower.features.errors import DataError
-from tracktower.serving.batch import read_user_ids, recommend_to_parquet
+from tracktower.serving.batch import prepare_output, publish, read_user_ids, recommend_to_parquet
 from tracktower.serving.resolve import resolve_artifact
 
 ARRAYS = fake_arrays(50, 200, 8)
@@ -114,3 +116,202 @@ def test_parquet_users_that_are_not_text_ids_are_one_line_errors(tmp_path: Path)
     text = tmp_path / "text.parquet"
     pq.write_table(pa.table({"user_id": pa.array([b"u1", b"u2"], pa.binary())}), text)
     assert read_user_ids(text) == ["u1", "u2"]
+
+
+# --- the output path, shared by both engines ----------------------------------------------------
+
+
+def _spark_like_output(path: Path) -> Path:
+    """What Spark's Parquet writer leaves: part files, the job marker, hidden checksums."""
+    path.mkdir()
+    pd.DataFrame({"user_id": ["old"]}).to_parquet(path / "part-00000-abc-c000.snappy.parquet")
+    (path / "_SUCCESS").write_text("")
+    (path / ".part-00000-abc-c000.snappy.parquet.crc").write_text("")
+    return path
+
+
+def test_local_engine_replaces_earlier_output_and_refuses_other_files(
+    artifact: Path, tmp_path: Path
+) -> None:
+    users = tmp_path / "u.txt"
+    users.write_text(f"{user_id(1)}\n")
+    spark_dir = _spark_like_output(tmp_path / "recs")
+    assert recommend_to_parquet(artifact, users, 2, spark_dir) == 2
+    assert (
+        spark_dir.is_file() and pd.read_parquet(spark_dir)["user_id"].tolist() == [user_id(1)] * 2
+    )
+    assert recommend_to_parquet(artifact, users, 3, spark_dir) == 3  # a Parquet file: replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recs", "u.txt"]
+    notes = tmp_path / "notes.csv"
+    notes.write_text("user_id\nkeep me\n")
+    with pytest.raises(DataError, match=r"notes.csv: exists and is not Parquet output"):
+        recommend_to_parquet(artifact, users, 2, notes)
+    assert notes.read_text() == "user_id\nkeep me\n"
+
+
+@pytest.mark.parametrize("extra", ["report.txt", "nested/"])
+def test_prepare_output_refuses_directories_with_other_files(tmp_path: Path, extra: str) -> None:
+    out = _spark_like_output(tmp_path / "recs")
+    (out / extra.rstrip("/")).mkdir() if extra.endswith("/") else (out / extra).write_text("x")
+    with pytest.raises(DataError, match="exists and is not Parquet output"):
+        prepare_output(out)
+    assert (out / "_SUCCESS").exists()
+
+
+def test_prepare_output_removes_a_stale_staging_path(tmp_path: Path) -> None:
+    stale = tmp_path / "sub" / "recs.partial"
+    stale.mkdir(parents=True)
+    (stale / "part-0.parquet").write_text("half")
+    assert prepare_output(tmp_path / "sub" / "recs") == stale
+    assert not stale.exists()
+    assert prepare_output(tmp_path / "new" / "recs.parquet").parent.is_dir()
+
+
+@pytest.mark.parametrize(("new_is_dir", "old_is_dir"), [(True, True), (True, False), (False, True)])
+def test_publish_replaces_files_and_directories(
+    tmp_path: Path, new_is_dir: bool, old_is_dir: bool
+) -> None:
+    out = tmp_path / "recs"
+    if old_is_dir:
+        _spark_like_output(out)
+    else:
+        pd.DataFrame({"user_id": ["old"]}).to_parquet(out)
+    staging = prepare_output(out)
+    if new_is_dir:
+        staging.mkdir()
+        pd.DataFrame({"user_id": ["new"]}).to_parquet(staging / "part-00000.parquet")
+    else:
+        pd.DataFrame({"user_id": ["new"]}).to_parquet(staging)
+    publish(staging, out)
+    assert pd.read_parquet(out)["user_id"].tolist() == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recs"]
+
+
+# --- the Spark engine's checks that run before Spark starts (no Java needed) ---------------------
+
+
+@pytest.fixture
+def no_spark(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a Spark session is asked for: bad input must be refused before it."""
+    from tracktower.serving import spark
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("Spark was started")
+
+    monkeypatch.setattr(spark, "spark_session", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--users", "{tmp}/none.csv"], "error: {tmp}/none.csv: users file does not exist"),
+        (["--out", "{tmp}/taken"], "error: {tmp}/taken: exists and is not Parquet output"),
+        (["--model", "{tmp}/no-model"], "error: {tmp}/no-model: no such model directory"),
+        # Typer's own usage errors, as for --engine local.
+        (["--k", "0"], "Invalid value for '--k'"),
+        (["--partitions", "0"], "Invalid value for '--partitions'"),
+    ],
+)
+def test_spark_engine_bad_input_fails_before_spark(
+    artifact: Path, tmp_path: Path, no_spark: None, extra: list[str], message: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from tracktower.serving.cli import app
+
+    (tmp_path / "users.txt").write_text(f"{user_id(0)}\n")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("x")
+    options = {"--model": str(artifact), "--users": str(tmp_path / "users.txt")}
+    options["--out"] = str(tmp_path / "recs")
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        options[flag] = value.format(tmp=tmp_path)
+    args = ["recommend", "--engine", "spark", *[x for kv in options.items() for x in kv]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    message = message.format(tmp=tmp_path)
+    if message.startswith("error: "):
+        assert result.stderr.strip().startswith(message)
+        assert len(result.stderr.strip().splitlines()) == 1
+    else:
+        assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert (tmp_path / "taken" / "keep.txt").exists()
+    assert not (tmp_path / "recs").exists() and not (tmp_path / "recs.partial").exists()
+
+
+def test_spark_options_need_the_spark_engine(artifact: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tracktower.serving.cli import app
+
+    (tmp_path / "u.txt").write_text("a\n")
+    args = ["recommend", "--model", str(artifact), "--users", str(tmp_path / "u.txt")]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o"), "--partitions", "4"])
+    assert result.exit_code == 2
+    assert (
+        result.stderr.strip()
+        == "error: --spark-master and --partitions apply to --engine spark only"
+    )
+
+
+def test_spark_engine_without_java_is_one_line(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracktower.serving.spark import recommend_with_spark
+
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    (tmp_path / "u.txt").write_text("a\n")
+    with pytest.raises(DataError, match=r"needs Java 17 \(Debian/Ubuntu: apt-get install"):
+        recommend_with_spark(artifact, tmp_path / "u.txt", 3, tmp_path / "recs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["u.txt"]  # no staging left behind
+
+
+def test_spark_errors_keep_a_worker_data_error_and_nothing_else() -> None:
+    from tracktower.serving.spark import spark_errors
+
+    worker = (
+        "An exception was thrown from the Python worker:\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\ntracktower.features.errors.DataError: /m: artifact '
+        "directory does not exist\n\n\tat org.apache.spark.api.python.BasePythonRunner"
+    )
+    with pytest.raises(DataError) as info, spark_errors():
+        raise RuntimeError(worker)
+    assert str(info.value) == "Spark job failed: /m: artifact directory does not exist"
+    with pytest.raises(RuntimeError, match="out of memory"), spark_errors():
+        raise RuntimeError("Java heap space: out of memory")
+
+
+@pytest.mark.parametrize(
+    ("master", "local"),
+    [("local", True), ("local[2]", True), ("local[*]", True), ("local[2,3]", True),
+     ("spark://h:7077", False), ("yarn", False), ("localhost", False)],
+)  # fmt: skip
+def test_is_local(master: str, local: bool) -> None:
+    from tracktower.serving.spark import is_local
+
+    assert is_local(master) is local
+
+
+@pytest.mark.parametrize(
+    ("users", "cores", "expected"),
+    [(1_000, 2, 2), (40_000, 2, 2), (40_001, 2, 4), (100_000, 2, 6), (100_000, 1, 5), (0, 4, 4)],
+)
+def test_default_partitions_bound_users_per_task(users: int, cores: int, expected: int) -> None:
+    from tracktower.serving.spark import USERS_PER_PARTITION, default_partitions
+
+    n = default_partitions(users, cores)
+    assert n == expected and n % cores == 0
+    assert -(-users // n) <= USERS_PER_PARTITION
+
+
+@pytest.mark.parametrize(
+    ("master", "cores"),
+    [("local", 1), ("local[3]", 3), ("local[2,4]", 2), ("local[*]", os.cpu_count()),
+     ("spark://h:7077", None), ("local[x]", None)],
+)  # fmt: skip
+def test_local_cores(master: str, cores: int | None) -> None:
+    from tracktower.serving.spark import local_cores
+
+    assert local_cores(master) == cores
