@@ -130,6 +130,9 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
                 raise
         blas = limit_blas_threads(settings.blas_threads) if settings.blas_threads else None
         app.state.recommender, app.state.model = loaded_rec, loaded
+        # Per lifespan: its jobs belong to this event loop, and an app started again (a new
+        # loop) must not inherit a count of jobs that loop will never finish.
+        app.state.coalescer = Coalescer(settings.coalesce_max_batch, settings.coalesce_max_inflight)
         app.state.serving = Serving(loaded_rec, loaded, settings, metrics)
         metrics.set_model(loaded.name, loaded.version)
         log.info(
@@ -186,7 +189,7 @@ def create_app(settings: Settings | None = None, recommender: Recommender | None
     app.state.startup_error = None
     # Per app, not per model: a model swap must not reset the count of batches in progress.
     app.state.batch_gate = BatchGate(settings.max_concurrent_batches)
-    app.state.coalescer = Coalescer(settings.coalesce_max_batch, settings.coalesce_max_inflight)
+    app.state.coalescer = None
     _add_middleware(app, settings, metrics)
     install_error_handlers(app)
     # Routers carry their own /v1 prefix so route templates (metrics labels) include it. The

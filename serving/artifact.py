@@ -103,7 +103,8 @@ def _spare(excluded: int) -> int:
     """Spare results a search over-fetches for ``excluded`` tracks: each excluded track displaces
     at most one result, so this many always leave k. Rounded up to a multiple of SPARE_STEP so
     that sessions of similar length are searched together; it depends only on the request, so
-    a request's answer never depends on what it was batched with."""
+    the index is asked the same question whatever a request is batched with (the tower's
+    float32 rounding may still differ with the batch's size)."""
     return -(-excluded // SPARE_STEP) * SPARE_STEP
 
 

@@ -72,18 +72,19 @@ class Coalescer:
         answers: list[Recommendation | BaseException]
         try:
             answers = await anyio.to_thread.run_sync(_answer, batch)
-        except asyncio.CancelledError:  # shutdown: no request is left waiting
-            for waiting in batch:
+        except asyncio.CancelledError:  # shutdown: nothing left waiting, nothing new started
+            self._inflight -= 1
+            for waiting in [*batch, *self._queue]:
                 waiting.future.cancel()
+            self._queue.clear()
             raise
         except Exception as exc:
             answers = [exc] * len(batch)
-        finally:
-            self._inflight -= 1
-            self.batches += 1
-            self.requests += len(batch)
-            while self._queue and self._inflight < self.max_inflight:
-                self._start()
+        self._inflight -= 1
+        self.batches += 1
+        self.requests += len(batch)
+        while self._queue and self._inflight < self.max_inflight:
+            self._start()
         for waiting, answer in zip(batch, answers, strict=True):
             if waiting.future.done():  # its client went away
                 continue

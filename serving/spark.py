@@ -217,7 +217,9 @@ def _run(
             ordered, model, k, chunk_size=chunk_size, archived=ship_archive, loads=loads
         )
         with spark_errors():
-            scored.write.mode("overwrite").parquet(str(staging))
+            # A file:// URI: a bare path would resolve against the cluster's fs.defaultFS
+            # (HDFS on YARN), not the local staging directory the driver then renames.
+            scored.write.mode("overwrite").parquet(staging.absolute().as_uri())
     rows = sum(pq.read_metadata(part).num_rows for part in staging.glob("part-*.parquet"))
     return SparkResult(rows, len(users), ordered.rdd.getNumPartitions(), int(loads.value))
 

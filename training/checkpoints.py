@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "TRACKTOWER_CHECKPOINT_DIR"
 OWNER_FILE = "owner.json"
+LOCK_FILE = ".lock"
 # BackupAndRestore's CheckpointManager state file: present once an epoch has been backed up, and
 # removed (with the whole "chief" folder) when fit completes.
 STATE_FILE = Path("chief") / "checkpoint"
@@ -177,8 +178,10 @@ def _last_written(path: Path) -> float:
 
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
-    """An exclusive lock on the root directory itself (no lock file left behind)."""
-    fd = os.open(root, os.O_RDONLY)
+    """An exclusive lock on ``root/.lock``, a regular file opened for writing: NFS, where a
+    checkpoint root shared by several hosts lives, implements flock as a byte-range lock,
+    which a directory (read-only) cannot take. The sweep ignores the file (not a run's name)."""
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -8,9 +8,9 @@ rescoring) took 1.0 ms at p50 and 1.9 ms at p99, more than the 1-2 ms at p50 tha
 the threadpool (a GIL hand-off) costs on a busy 2-core box, and exact search over that catalogue
 3.2 ms; not sub-millisecond, so a cache miss goes to a thread. Every POST (sessions: the
 TensorFlow history tower, then a search; request-time excludes) runs in a thread too, through
-the app's ``Coalescer``: concurrent POSTs share one tower call and one search (see
-``serving/coalesce.py``); a GET for an unknown user is a slice of the popularity list and stays
-on the loop.
+the app's ``Coalescer`` for sessions: concurrent sessions share one tower call and one search
+(see ``serving/coalesce.py``), and a known user's POST never queues behind them; a GET for an
+unknown user is a slice of the popularity list and stays on the loop.
 
 The batch handler scores in a worker thread, behind two limits (settings):
 
@@ -182,8 +182,13 @@ async def recommend(
     _check_ids(body.exclude_track_ids, "exclude_track_ids", settings.max_track_ids, settings)
     _check_ids(body.recent_track_ids, "recent_track_ids", settings.max_track_ids, settings)
     query = Asked(body.user_id, _k(body.k, settings), body.exclude_track_ids, body.recent_track_ids)
-    coalescer: Coalescer = request.app.state.coalescer
-    rec = await coalescer.recommend(serving.recommender, query)
+    recommender = serving.recommender
+    if body.recent_track_ids and recommender.user_index(body.user_id) is None:
+        # A session: coalesced with concurrent ones (one tower call, one search).
+        coalescer: Coalescer = request.app.state.coalescer
+        rec = await coalescer.recommend(recommender, query)
+    else:  # a known user's excludes, or the popular list: never queued behind sessions
+        rec = (await run_in_threadpool(recommender.recommend_many, [query]))[0]
     serving.metrics.count_source(rec.source)
     return _response(body.user_id, rec, serving)
 
