@@ -12,10 +12,12 @@ file behind, and an existing output is replaced only when it is Parquet output.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +172,33 @@ def prepare_output(output: Path) -> Path:
             "choose another output path",
             path=output,
         )
-    staging = output.with_name(output.name + ".partial")
+    staging = output.with_name(f"{output.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        remove(staging)  # left by a run that died: the name is this module's own
+        _remove_dead_staging(output)
     except OSError as exc:
         raise DataError(f"cannot write the output ({exc.strerror or exc})", path=output) from None
     return staging
+
+
+def _remove_dead_staging(output: Path) -> None:
+    """Remove the staging paths of jobs that died writing ``output`` (the pid in the name is
+    gone). A live job's is left alone: two jobs writing one output each publish their own
+    finished file, never the other's half-written one."""
+    for old in output.parent.glob(f"{glob.escape(output.name)}.partial-*"):
+        pid = old.name.removeprefix(f"{output.name}.partial-").split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            remove(old)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def _replaceable(path: Path) -> bool:

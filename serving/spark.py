@@ -46,12 +46,13 @@ directory outside local mode). That costs one copy of the artifact per executor 
 **Output.** A Parquet dataset directory at ``output``, one ``part-*.parquet`` file per partition
 (Spark's writer; the columns and types of ``batch.SCHEMA``), readable as one table by pandas,
 pyarrow, Spark or DuckDB; read in file-name order the rows are in input order. It is written to
-``<output>.partial`` and renamed into place only when the job succeeded (``batch.publish``), so a
-crash never leaves a half-written output at ``output``; an existing output is replaced only if it
-is Parquet output (``batch.prepare_output``). Rows are counted from the written files' footers.
-The driver renames the output, so ``output`` must be a path on a file system the driver and the
-executors share (local mode: the machine's own; a cluster: NFS or a similar mount); a job that
-reads and writes its own tables (HDFS, S3, a metastore) calls :func:`score_frame` instead.
+``<output>.partial-<pid>-<random>`` and renamed into place only when the job succeeded
+(``batch.publish``), so a crash never leaves a half-written output at ``output``; an existing
+output is replaced only if it is Parquet output (``batch.prepare_output``). Rows are counted
+from the written files' footers. The driver renames the output, so ``output`` must be a path on
+a file system the driver and the executors share (local mode: the machine's own; a cluster: NFS
+or a similar mount); a job that reads and writes its own tables (HDFS, S3, a metastore) calls
+:func:`score_frame` instead.
 
 **Start-up.** ``spark_session``: no UI, no progress bar, ``DRIVER_MEMORY`` for the driver,
 Spark's scratch space and its log configuration (WARN; two start-up notices silenced) in a

@@ -94,7 +94,7 @@ def test_spark_rows_equal_the_local_engine(
     # Range partitions over the input position: read in file order, the input order too.
     pd.testing.assert_frame_equal(spark, local_output)
     assert len(list(out.glob("part-*.parquet"))) == PARTITIONS
-    assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.partial*"))
     # The cases the equality covers: popularity fallback, lists cut short by seen tracks.
     counts = local_output.groupby("user_id").size()
     assert set(local_output["source"]) == {"model", "popular"}

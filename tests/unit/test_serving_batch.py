@@ -12,6 +12,7 @@ import pytest
 from builders import brute_force, cached_artifact, fake_arrays, seen_of, user_id
 
 from tracktower.features.errors import DataError
+from tracktower.serving import batch
 from tracktower.serving.batch import prepare_output, publish, read_user_ids, recommend_to_parquet
 from tracktower.serving.resolve import resolve_artifact
 
@@ -42,7 +43,7 @@ def test_parquet_output(artifact: Path, tmp_path: Path) -> None:
         assert set(got["source"]) == {"model"}
         expected = brute_force(ARRAYS, ARRAYS["user_embeddings"][u], 5, seen_of(ARRAYS, u))
         assert got["track_id"].tolist() == expected
-    assert not list(out.parent.glob("*.partial"))
+    assert not list(out.parent.glob("*.partial*"))
 
 
 def test_accepts_resolved_model_and_text_files(artifact: Path, tmp_path: Path) -> None:
@@ -158,12 +159,23 @@ def test_prepare_output_refuses_directories_with_other_files(tmp_path: Path, ext
     assert (out / "_SUCCESS").exists()
 
 
-def test_prepare_output_removes_a_stale_staging_path(tmp_path: Path) -> None:
-    stale = tmp_path / "sub" / "recs.partial"
+def test_prepare_output_removes_only_dead_jobs_staging_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead_pid = 424242
+    monkeypatch.setattr(batch, "_alive", lambda pid: pid != dead_pid)
+    stale = tmp_path / "sub" / f"recs.partial-{dead_pid}-0000abcd"
     stale.mkdir(parents=True)
     (stale / "part-0.parquet").write_text("half")
-    assert prepare_output(tmp_path / "sub" / "recs") == stale
-    assert not stale.exists()
+    live = tmp_path / "sub" / f"recs.partial-{os.getppid()}-1111abcd"  # a live job's
+    live.write_text("writing")
+    staging = prepare_output(tmp_path / "sub" / "recs")
+    assert staging.parent == stale.parent and staging.name.startswith(
+        f"recs.partial-{os.getpid()}-"
+    )
+    assert not stale.exists() and live.read_text() == "writing"
+    # Two jobs writing one output never share a staging path.
+    assert prepare_output(tmp_path / "sub" / "recs") != staging
     assert prepare_output(tmp_path / "new" / "recs.parquet").parent.is_dir()
 
 
@@ -237,7 +249,7 @@ def test_spark_engine_bad_input_fails_before_spark(
         assert message in result.stderr
     assert "Traceback" not in result.output
     assert (tmp_path / "taken" / "keep.txt").exists()
-    assert not (tmp_path / "recs").exists() and not (tmp_path / "recs.partial").exists()
+    assert not (tmp_path / "recs").exists() and not list(tmp_path.glob("recs.partial*"))
 
 
 def test_spark_options_need_the_spark_engine(artifact: Path, tmp_path: Path) -> None:
