@@ -144,11 +144,15 @@ def _configured(policy: CheckpointConfig) -> tuple[str, Path]:
     return f"train.checkpoints.dir (default, or ${ENV_VAR})", default_root()
 
 
-def run_key(cfg: ExperimentConfig, fingerprint: str, *, final: bool) -> str:
+def run_key(cfg: ExperimentConfig, fingerprint: str, *, final: bool, workers: int = 1) -> str:
     """Twelve hex digits naming what a run computes: the config, less its run name and these
-    checkpoint settings, the dataset fingerprint and ``--final``."""
+    checkpoint settings, the dataset fingerprint, ``--final`` and the number of workers (the
+    global batch and the learning rate follow it, so a run is resumed only by as many)."""
     config = cfg.model_dump(mode="json", exclude={"run_name": True, "train": {"checkpoints"}})
-    text = json.dumps({"config": config, "data": fingerprint, "final": final}, sort_keys=True)
+    what = {"config": config, "data": fingerprint, "final": final}
+    if workers != 1:  # keys of single-process runs stay as they were
+        what["workers"] = workers
+    text = json.dumps(what, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -398,7 +398,7 @@ def train(
         popularity_baseline(cfg, data, held, log_run=baseline) if held else (None, {})
     )
     name = run_name(cfg, config_path, final=final)
-    key = checkpoints.run_key(cfg, data.fingerprint, final=final)
+    key = checkpoints.run_key(cfg, data.fingerprint, final=final, workers=launcher.role().workers)
     tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
     tags[checkpoints.KEY_TAG] = key
     if baseline_id:

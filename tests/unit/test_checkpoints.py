@@ -175,6 +175,10 @@ def test_the_run_key_is_what_the_run_computes() -> None:
     assert checkpoints.run_key(same, "f" * 64, final=False) == key
     assert checkpoints.run_key(base, "e" * 64, final=False) != key
     assert checkpoints.run_key(base, "f" * 64, final=True) != key
+    # A run of 2 workers is resumed only by 2: the global batch and learning rate follow them.
+    two = checkpoints.run_key(base, "f" * 64, final=False, workers=2)
+    assert two != key and two != checkpoints.run_key(base, "f" * 64, final=False, workers=3)
+    assert checkpoints.run_key(base, "f" * 64, final=False, workers=1) == key
     other = config_from_mapping({}, ["train.learning_rate=0.1"])
     assert checkpoints.run_key(other, "f" * 64, final=False) != key
 
