@@ -57,11 +57,16 @@ def _config(ctx: Any, overrides: list[str]) -> Any:
 
 
 def _prepare(ctx: Any, cfg: Any) -> Any:
+    from tracktower.features.split import TEST
     from tracktower.training.data import prepare
 
     data = prepare(cfg.data, cfg.split)
-    mine = data.split.test[["user_id", "track_id"]].sort_values(["user_id", "track_id"])
-    theirs = ctx.data.split.test[["user_id", "track_id"]].sort_values(["user_id", "track_id"])
+    mine, theirs = (
+        d.interactions.loc[d.labels == TEST, ["user_id", "track_id"]]
+        .astype("str")
+        .sort_values(["user_id", "track_id"])
+        for d in (data, ctx.data)
+    )
     if not np.array_equal(mine.to_numpy(), theirs.to_numpy()):
         raise AssertionError("two-tower test split differs from the baselines' test split")
     return data
@@ -126,12 +131,14 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     from tracktower.training.train import fit
 
     full = prepare(cfg.data, cfg.split)
-    users = full.interactions["user_id"].drop_duplicates().to_numpy()
+    # Plain string ids: this benchmark's data is small, and the code below maps ids by value.
+    interactions = full.interactions.astype({"user_id": "str", "track_id": "str"})
+    users = interactions["user_id"].drop_duplicates().to_numpy()
     rng = np.random.default_rng(ctx.seed)
     cold_users = set(rng.choice(users, int(len(users) * fraction), replace=False))
-    is_cold = full.interactions["user_id"].isin(cold_users)
+    is_cold = interactions["user_id"].isin(cold_users)
     warm_parts = holdout(
-        full.interactions[~is_cold].reset_index(drop=True),
+        interactions[~is_cold].reset_index(drop=True),
         val_fraction=cfg.split.val_fraction,
         test_fraction=cfg.split.test_fraction,
         min_user_interactions=cfg.split.min_user_interactions,
@@ -146,7 +153,7 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
         result.model, result.known, enc.test, enc.test_unknown, list(ctx.ks), exclude=result.known
     )
     cold = holdout(
-        full.interactions[is_cold].reset_index(drop=True),
+        interactions[is_cold].reset_index(drop=True),
         val_fraction=0.0,
         test_fraction=0.2,
         min_user_interactions=2,

@@ -43,6 +43,7 @@ LAZY_COMMANDS = {
     "train": "tracktower.training.cli:app",
     "evaluate": "tracktower.training.cli:app",
     "register": "tracktower.training.cli:app",
+    "tune": "tracktower.training.cli:app",
     "baseline": "tracktower.training.baselines.cli:baseline_command",
     "recommend": "tracktower.serving.cli:app",
     "serve": "tracktower.serving.cli:app",
@@ -116,7 +117,7 @@ def _version(value: bool) -> None:
 app = typer.Typer(
     name="tracktower",
     cls=LazyGroup,
-    help="Two-tower music recommender: data, train, evaluate, register, serve.",
+    help="Two-tower music recommender: data, train, tune, evaluate, register, serve.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -138,7 +139,7 @@ def root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
-    """Two-tower music recommender: data, train, evaluate, register, serve."""
+    """Two-tower music recommender: data, train, tune, evaluate, register, serve."""
 
 
 def end_runs_on_sigterm() -> None:
@@ -164,21 +165,55 @@ def main() -> None:
 @guarded
 def synth(
     out: Annotated[Path, typer.Option(help="Directory for interactions.parquet + tracks.parquet.")],
-    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
-    tracks: Annotated[int, typer.Option(min=2, help="Number of tracks.")] = 5000,
+    users: Annotated[
+        int | None, typer.Option(min=1, help="Number of users [default: 2000, or the preset's].")
+    ] = None,
+    tracks: Annotated[
+        int | None, typer.Option(min=2, help="Number of tracks [default: 5000, or the preset's].")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Same seed, same data.")] = 0,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Named size, written as sharded Parquet in bounded memory: 'mpd' = 1,000,000 "
+            "users, 2,262,292 tracks, ~66.3M rows (DIR/interactions/part-*.parquet + "
+            "DIR/tracks.parquet). --users/--tracks scale it down."
+        ),
+    ] = None,
 ) -> None:
     """Write a seeded synthetic dataset with learnable taste clusters."""
     from tracktower.features import synth as synth_mod
     from tracktower.features.dataset import fingerprint
 
-    inter, meta = synth_mod.generate(users=users, tracks=tracks, seed=seed)
+    if preset is not None:
+        _synth_preset(out, preset, users, tracks, seed)
+        return
+    inter, meta = synth_mod.generate(users=users or 2000, tracks=tracks or 5000, seed=seed)
     inter_path, tracks_path = synth_mod.save(out, inter, meta)
     typer.echo(
         f"wrote {inter_path} ({len(inter)} interactions, {inter['user_id'].nunique()} users, "
         f"{inter['track_id'].nunique()} tracks; fingerprint {fingerprint(inter)[:12]})"
     )
     typer.echo(f"wrote {tracks_path} ({len(meta)} tracks with title, artist, album, genre, year)")
+
+
+def _synth_preset(out: Path, preset: str, users: int | None, tracks: int | None, seed: int) -> None:
+    import time
+
+    from tracktower.features import synth as synth_mod
+
+    if preset not in synth_mod.PRESETS:
+        raise DataError(f"unknown preset {preset!r}; choose from {', '.join(synth_mod.PRESETS)}")
+    sizes = dict(synth_mod.PRESETS[preset])
+    sizes.update({k: v for k, v in (("users", users), ("tracks", tracks)) if v is not None})
+    started = time.perf_counter()
+    done = synth_mod.write_sharded(out, seed=seed, **sizes)
+    typer.echo(
+        f"wrote {done.interactions}/ ({done.shards} shards, {done.rows} interactions, "
+        f"{done.users} users, {done.tracks_heard} tracks heard) "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
+    typer.echo(f"wrote {done.tracks} ({done.catalogue} tracks with title, artist, album, genre)")
 
 
 @data_app.command()
@@ -204,14 +239,14 @@ def validate(
     )
     df = io.read_interactions(path, columns)
     typer.echo(f"{path}: {len(df)} interactions")
-    typer.echo(f"  users        {df['user_id'].nunique()}")
-    typer.echo(f"  tracks       {df['track_id'].nunique()}")
+    typer.echo(f"  users        {len(io.vocabulary(df['user_id']))}")
+    typer.echo(f"  tracks       {len(io.vocabulary(df['track_id']))}")
     typer.echo(f"  weight       min {df['weight'].min():g}, max {df['weight'].max():g}")
     typer.echo(f"  timestamp    {'yes' if 'timestamp' in df else 'no'}")
     typer.echo(f"  fingerprint  {fingerprint(df)}")
     if tracks is not None:
         meta = io.read_tracks(tracks, df)
-        matched = int(meta["track_id"].isin(df["track_id"]).sum())
+        matched = int(io.occurs_in(meta["track_id"], io.vocabulary(df["track_id"])).sum())
         columns_found = ", ".join(c for c in meta.columns if c != "track_id") or "none"
         typer.echo(
             f"{tracks}: {len(meta)} tracks, {matched} of them in the interactions "

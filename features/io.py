@@ -1,9 +1,10 @@
 """Read interaction logs and track metadata into the one canonical frame every later step expects.
 
 Real data arrives as Parquet, CSV/TSV with or without a header, or the Million Playlist Dataset's
-JSON slices. Normalising all of them here (ids as strings, a non-negative float weight, duplicate
-pairs summed) means the split, the model and the server never special-case a source, and every
-malformed input fails *here* with a one-line :class:`DataError` naming file, column and row instead
+JSON slices. Normalising all of them here (ids as categoricals of strings, see
+:mod:`~tracktower.features.canonical`; a non-negative float weight; duplicate pairs summed)
+means the split, the model and the server never special-case a source, and every malformed
+input fails *here* with a one-line :class:`DataError` naming file, column and row instead
 of surfacing later as a pandas traceback or a silently wrong model.
 
 Row numbers in errors: for text and JSON files the 1-based data row (header excluded; for MPD
@@ -16,9 +17,12 @@ import csv
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tracktower.features.canonical import (
@@ -26,12 +30,21 @@ from tracktower.features.canonical import (
     as_text,
     canonical_interactions,
     check_ids,
+    codes_of,
     dedupe_interactions,
 )
 from tracktower.features.errors import DataError
 from tracktower.features.mpd import MPD_GLOB, read_mpd_frames
 
-__all__ = ["TRACK_COLUMNS", "ColumnMap", "read_interactions", "read_mpd_slices", "read_tracks"]
+__all__ = [
+    "TRACK_COLUMNS",
+    "ColumnMap",
+    "occurs_in",
+    "read_interactions",
+    "read_mpd_slices",
+    "read_tracks",
+    "vocabulary",
+]
 
 TRACK_COLUMNS = ("title", "artist", "album", "genre", "year", "duration_ms")
 # Alternative spellings found in public datasets (MPD, MSD song_df.csv) -> canonical name.
@@ -55,14 +68,17 @@ def read_interactions(path: str | Path, columns: ColumnMap | None = None) -> pd.
         if _mpd_files(path):
             return read_mpd_slices(path)[0]
         parts = _parquet_files(path)
+        # Each file's columns are kept, not its frame, so that _concat can free them one by one.
         frames = [
-            canonical_interactions(_read_parquet(f, cols), f, cols, row_base=0) for f in parts
+            _columns(canonical_interactions(_read_parquet(f, cols), f, cols, row_base=0))
+            for f in parts
         ]
-        return dedupe_interactions(pd.concat(frames, ignore_index=True))
+        return dedupe_interactions(_concat(frames, parts))
     if _is_mpd_file(path):
         return read_mpd_slices(path)[0]
     raw, row_base = _read_file(path, cols)
-    return dedupe_interactions(canonical_interactions(raw, path, cols, row_base=row_base))
+    frame = canonical_interactions(raw, path, cols, row_base=row_base)
+    return dedupe_interactions(_concat([_columns(frame)], [path]))
 
 
 def read_mpd_slices(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -87,7 +103,9 @@ def read_mpd_slices(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise DataError(
             exc.message, path=files[k], column=exc.column, row=exc.row - int(starts[k])
         ) from None
-    return dedupe_interactions(frame), _normalise_tracks(tracks, files[0], row_base=1)
+    return dedupe_interactions(_concat([_columns(frame)], files[:1])), _normalise_tracks(
+        tracks, files[0], row_base=1
+    )
 
 
 def read_tracks(path: str | Path, interactions: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -112,7 +130,8 @@ def read_tracks(path: str | Path, interactions: pd.DataFrame | None = None) -> p
         raw, row_base = _read_file(path, None)
         tracks = _normalise_tracks(raw, path, row_base=row_base)
     if interactions is not None and len(tracks):
-        known = tracks["track_id"].isin(interactions["track_id"])
+        # The distinct ids, not one per interaction row (a 66M-row isin costs minutes).
+        known = occurs_in(tracks["track_id"], vocabulary(interactions["track_id"]))
         if not known.any():
             example = tracks["track_id"].iloc[0]
             raise DataError(
@@ -122,6 +141,74 @@ def read_tracks(path: str | Path, interactions: pd.DataFrame | None = None) -> p
                 column="track_id",
             )
     return tracks
+
+
+def vocabulary(ids: pd.Series) -> pd.Index:
+    """The distinct ids of a column that occur in it, sorted."""
+    codes, vocab = codes_of(ids)
+    used = np.bincount(codes[codes >= 0], minlength=len(vocab)) > 0
+    return vocab if used.all() else vocab[used]
+
+
+def occurs_in(ids: pd.Series, vocab: pd.Index) -> np.ndarray:
+    """Whether each id is in ``vocab``, hashed by Arrow: pandas' ``isin`` on Arrow-backed
+    strings walks Python objects (seconds per million ids)."""
+    values = pa.array(pd.Series(ids, dtype="str").array)
+    value_set = pa.array(pd.Series(vocab, dtype="str").array)
+    return pc.is_in(values, value_set=value_set).to_numpy(zero_copy_only=False)
+
+
+def _columns(frame: pd.DataFrame) -> dict[str, Any]:
+    """A canonical frame's columns, ids as (codes, Arrow categories): a pandas Index caches a
+    hash table of Python strings once hashed (~100 B an id), which per file adds up to GBs."""
+    out: dict[str, Any] = {}
+    for name in frame.columns:
+        col = frame[name]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            out[name] = (col.cat.codes.to_numpy(), pa.array(col.cat.categories.array))
+        else:
+            out[name] = col.to_numpy()
+    return out
+
+
+def _concat(frames: list[dict[str, Any]], paths: list[Path]) -> pd.DataFrame:
+    """The canonical columns of several files as one frame: vocabularies united and sorted,
+    codes mapped onto them, numbers concatenated. Each input column is released once copied
+    (``frames`` is emptied), so the peak is about one copy of the rows, not two."""
+    has_time = ["timestamp" in f for f in frames]
+    if any(has_time) and not all(has_time):
+        with_time = paths[has_time.index(True)].name
+        raise DataError(
+            f"no timestamp column, but {with_time} in the same directory has one",
+            path=paths[has_time.index(False)],
+        )
+    names = ["user_id", "track_id", "weight", *(["timestamp"] if all(has_time) else [])]
+    out: dict[str, Any] = {}
+    for name in names:
+        parts = [f.pop(name) for f in frames]
+        out[name] = _unite(parts) if name in ("user_id", "track_id") else np.concatenate(parts)
+        del parts
+    frames.clear()
+    return pd.DataFrame(out, copy=False)
+
+
+def _unite(parts: list[tuple[np.ndarray, pa.Array]]) -> pd.Categorical:
+    """One Categorical over the sorted union of the parts' categories (emptying ``parts``);
+    ids are looked up by Arrow in one hash table, with no Python string per id and file."""
+    local = pa.chunked_array([categories for _, categories in parts])
+    united = pc.unique(local)
+    united = united.take(pc.array_sort_indices(united))
+    lookup = pc.index_in(local, value_set=united).to_numpy()  # local category -> united index
+    bounds = np.cumsum([0, *(len(categories) for _, categories in parts)])
+    del local
+    codes = np.empty(sum(len(c) for c, _ in parts), dtype=np.int32)
+    start = 0
+    for i, (codes_i, _) in enumerate(parts):
+        codes[start : start + len(codes_i)] = lookup[bounds[i] : bounds[i + 1]][codes_i]
+        start += len(codes_i)
+        parts[i] = (codes_i[:0], parts[i][1])  # free this part's codes now
+    vocab = pd.Index(united.to_pandas(), dtype="str")
+    return pd.Categorical.from_codes(codes, dtype=pd.CategoricalDtype(vocab))
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -164,16 +251,27 @@ def _read_file(path: Path, cols: ColumnMap | None) -> tuple[pd.DataFrame, int]:
 
 def _read_parquet(path: Path, cols: ColumnMap | None = None) -> pd.DataFrame:
     """Only the columns ``cols`` can use are decoded (wide exports stay cheap); all of them when
-    one is missing, so the error can list what the file does have."""
+    one is missing, so the error can list what the file does have. String id columns become
+    Categoricals straight from Arrow's dictionary encoding: one string per distinct id, not one
+    Python object per row."""
     try:
         names = pq.read_schema(path).names
         wanted = None
+        ids: list[str] = []
         if cols is not None:
             usable = {cols.user, cols.track, cols.weight, cols.timestamp}
             usable |= {"weight", "plays", "timestamp", "position"}
             if {cols.user, cols.track} <= set(names):
                 wanted = [n for n in names if n in usable]
-        frame = pq.read_table(path, columns=wanted).to_pandas()
+            ids = [n for n in (cols.user, cols.track) if n in names]
+        table = pq.read_table(path, columns=wanted)
+        frame = pd.DataFrame(
+            {
+                name: _categorical(column) if name in ids else column.to_pandas()
+                for name, column in zip(table.column_names, table.columns, strict=True)
+            }
+        )
+        del table
     except FileNotFoundError:
         raise DataError("no such file", path=path) from None
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
@@ -182,6 +280,23 @@ def _read_parquet(path: Path, cols: ColumnMap | None = None) -> pd.DataFrame:
     if len(frame) == 0:
         raise DataError("file has no rows", path=path)
     return frame
+
+
+def _categorical(column: pa.ChunkedArray) -> pd.Series | pd.Categorical:
+    """A string column as a Categorical (nulls as code -1); other types as they are, for the
+    id checks to convert (numbers) or reject."""
+    kind = column.type
+    if not (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
+    ):
+        return column.to_pandas()
+    encoded = pc.dictionary_encode(column).combine_chunks()
+    codes = encoded.indices.fill_null(-1).to_numpy().astype(np.int64, copy=False)
+    categories = pd.Index(encoded.dictionary.to_pandas())
+    return pd.Categorical.from_codes(codes, categories=categories)
 
 
 def _read_text(path: Path, cols: ColumnMap | None) -> pd.DataFrame:

@@ -1,7 +1,10 @@
 """Offline top-k for a list of users, written to Parquet.
 
 Uses :meth:`Recommender.top_k_batch`: the artifact's retrieval index, one batched search per chunk,
-seen tracks excluded, the same code the HTTP server's batch route runs. With an exact index the
+seen tracks excluded, the same code the HTTP server's batch route runs (known users' lists come
+straight from the artifact's precomputed ones when ``k`` fits them). Chunks run on a few threads
+and are written to Parquet in order as they finish, so memory stays that of a few chunks for
+any number of users. With an exact index the
 lists are identical to the server's single-user answers; with an approximate one they can differ
 in which candidates were retrieved (see ``serving.artifact``).
 
@@ -12,12 +15,17 @@ file behind, and an existing output is replaced only when it is Parquet output.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import re
 import shutil
+import sys
 import uuid
+from collections import deque
+from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,10 @@ SCHEMA = pa.schema(
         ("source", pa.string()),
     ]
 )
+
+
+# Users per chunk: one batched index search, one Parquet row group of up to chunk x k rows.
+DEFAULT_CHUNK = 1024
 
 
 def read_user_ids(path: str | Path) -> list[str]:
@@ -113,40 +125,98 @@ def long_format(recommender: Recommender, users: list[str], top: TopK) -> pd.Dat
 
 def recommend_to_parquet(
     model: ResolvedModel | str | Path,
-    users_path: str | Path,
+    users_path: str | Path | None,
     k: int,
     output: str | Path,
     *,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK,
     tracking_uri: str | None = None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> int:
-    """Write ``user_id, rank, track_id, score, source`` for every listed user; returns rows."""
+    """Write ``user_id, rank, track_id, score, source`` for every listed user (``users_path``
+    None: every user the model knows, in the artifact's order); returns rows.
+
+    Chunks of ``chunk_size`` users are searched by ``workers`` threads (the index searches and
+    the matrix products release the GIL) and written in order as each finishes, so memory holds
+    a few chunks whatever the number of users. ``progress``: a bar on stderr with users/s.
+    """
     if k < 1:
         raise DataError(f"k must be >= 1, got {k}")
-    users = read_user_ids(users_path)
+    if chunk_size < 1 or workers < 1:
+        raise DataError(f"chunk_size and workers must be >= 1, got {chunk_size} and {workers}")
+    listed = read_user_ids(users_path) if users_path is not None else None
     resolved = (
         model
         if isinstance(model, ResolvedModel)
         else resolve_artifact(str(model), tracking_uri=tracking_uri)
     )
     recommender = Recommender.load(resolved.path, history_tower=False)
+    users = listed if listed is not None else recommender.user_ids.tolist()
     output = Path(output)
     partial = prepare_output(output)
     written = 0
+    tables = _chunk_tables(recommender, users, k, chunk_size, workers)
     # Written to a side file and renamed, so a crash never leaves a truncated output behind.
     try:
-        with pq.ParquetWriter(partial, SCHEMA) as writer:
-            for start in range(0, len(users), chunk_size):
-                chunk = users[start : start + chunk_size]
-                frame = long_format(recommender, chunk, recommender.top_k_batch(chunk, k))
-                writer.write_table(_table(frame.drop(columns="_row")))
-                written += len(frame)
+        with (
+            pq.ParquetWriter(partial, SCHEMA) as writer,
+            _bar(len(users), progress) as bar,
+            contextlib.closing(tables),  # on an error, stop the threads' queued chunks now
+        ):
+            for table, n_users in tables:
+                writer.write_table(table)
+                written += table.num_rows
+                bar.update(n_users)
     except BaseException:
         remove(partial)
         raise
     publish(partial, output)
     log.info("wrote %d rows for %d users to %s", written, len(users), output)
     return written
+
+
+def _chunk_tables(
+    recommender: Recommender, users: list[str], k: int, chunk_size: int, workers: int
+) -> Generator[tuple[Any, int], None, None]:
+    """``(table, users in it)`` per chunk, in order; with ``workers`` > 1 up to ``2 * workers``
+    chunks are in flight at once, so a slow writer never lets finished chunks pile up."""
+
+    def one(start: int) -> tuple[Any, int]:
+        chunk = users[start : start + chunk_size]
+        frame = long_format(recommender, chunk, recommender.top_k_batch(chunk, k))
+        return _table(frame.drop(columns="_row")), len(chunk)
+
+    starts = range(0, len(users), chunk_size)
+    if workers == 1:
+        yield from map(one, starts)
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recommend") as pool:
+        pending: deque[Future[tuple[Any, int]]] = deque()
+        try:
+            for start in starts:
+                pending.append(pool.submit(one, start))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:  # an error or an interrupt: do not start the rest
+                future.cancel()
+
+
+def _bar(total: int, show: bool) -> Any:
+    """A tqdm bar on stderr (users, users/s, ETA); a silent one when not ``show``."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="user",
+        desc="recommend",
+        file=sys.stderr,
+        disable=not show,
+        dynamic_ncols=True,
+    )
 
 
 def _table(frame: pd.DataFrame) -> Any:

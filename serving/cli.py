@@ -138,14 +138,30 @@ class Engine(StrEnum):
     spark = "spark"
 
 
+UsersOpt = Annotated[
+    Path | None,
+    typer.Option(help="Parquet/CSV with a user_id column, or one id per line", show_default=False),
+]
+AllUsersOpt = Annotated[
+    bool, typer.Option("--all-users", help="Every user the model knows (instead of --users)")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(min=1, help="Local engine: chunks of users searched in parallel (default: 1)"),
+]
+ChunkOpt = Annotated[
+    int | None, typer.Option(min=1, help="Local engine: users per chunk (default: 1024)")
+]
+ProgressOpt = Annotated[bool, typer.Option(help="Local engine: a progress bar (users/s) on stderr")]
+
+
 @app.command()
 @guarded
 def recommend(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP, show_default=False)] = None,
     *,
-    users: Annotated[
-        Path, typer.Option(help="Parquet/CSV with a user_id column, or one id per line")
-    ],
+    users: UsersOpt = None,
+    all_users: AllUsersOpt = False,
     k: Annotated[int, typer.Option(min=1, help="Tracks per user")] = 10,
     output: Annotated[
         Path,
@@ -172,16 +188,25 @@ def recommend(
             show_default=False,
         ),
     ] = None,
+    workers: WorkersOpt = None,
+    chunk_size: ChunkOpt = None,
+    progress: ProgressOpt = True,
 ) -> None:
     """Write top-k recommendations for every listed user to Parquet.
 
-    ``--engine spark`` runs the same scoring as Spark tasks (``serving/spark.py``), the rows
-    identical with an exact index; the model is resolved and downloaded here, on the driver.
+    The local engine searches the artifact's retrieval index a chunk of users at a time
+    (``--workers`` chunks at once) and writes each chunk as it is done. ``--engine spark`` runs
+    the same scoring as Spark tasks (``serving/spark.py``), the rows identical with an exact
+    index; the model is resolved and downloaded here, on the driver.
     """
     from tracktower.serving.resolve import resolve_artifact
 
+    if (users is None) != all_users:
+        raise DataError("give either --users FILE or --all-users")
     if engine is Engine.local and (spark_master is not None or partitions is not None):
         raise DataError("--spark-master and --partitions apply to --engine spark only")
+    if engine is Engine.spark and (all_users or workers is not None or chunk_size is not None):
+        raise DataError("--all-users, --workers and --chunk-size apply to --engine local only")
     base = _settings()
     uri = tracking_uri or base.tracking_uri
     resolved = resolve_artifact(model or base.model_uri, tracking_uri=uri)
@@ -190,15 +215,24 @@ def recommend(
         from tracktower.serving.spark import DEFAULT_MASTER, recommend_with_spark
 
         master = spark_master or DEFAULT_MASTER
+        assert users is not None  # checked above: the Spark engine reads a users file
         run = recommend_with_spark(resolved, users, k, output, master=master, partitions=partitions)
         typer.echo(
             f"wrote {run.rows} rows to {output} ({described}; Spark {master}, "
             f"{run.partitions} partitions, model opened by {run.model_loads} Python workers)"
         )
         return
-    from tracktower.serving.batch import recommend_to_parquet
+    from tracktower.serving.batch import DEFAULT_CHUNK, recommend_to_parquet
 
-    rows = recommend_to_parquet(resolved, users, k, output)
+    rows = recommend_to_parquet(
+        resolved,
+        users,
+        k,
+        output,
+        chunk_size=chunk_size or DEFAULT_CHUNK,
+        workers=workers or 1,
+        progress=progress,
+    )
     typer.echo(f"wrote {rows} rows to {output} ({described})")
 
 

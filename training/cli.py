@@ -1,5 +1,6 @@
 """``tracktower train``, ``tracktower evaluate`` and ``tracktower register``: the training stages
-(:mod:`tracktower.training.stages`) as commands.
+(:mod:`tracktower.training.stages`) as commands; ``tracktower tune``: the hyperparameter search
+(:mod:`tracktower.training.tune`).
 
 The root command line (:mod:`tracktower.features.cli`) imports this module only for these
 commands. Heavy imports stay inside the commands, and the data is read and validated before
@@ -22,6 +23,7 @@ from tracktower.features.cli import guarded, setup_logging
 if TYPE_CHECKING:
     from tracktower.training.config import ExperimentConfig
     from tracktower.training.launcher import Role
+    from tracktower.training.tune import TuneResult
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -155,7 +157,7 @@ def train(
     if summary is not None:
         result.write(summary)
     for name, value in result.metrics.items():
-        typer.echo(f"  test {name:16s} {value:.4f}")
+        typer.echo(f"  test {name:16s} {_number(name, value)}")
     _outcome(result.run_id, result.model_uri, result.champion, result.champion_reason)
 
 
@@ -223,7 +225,11 @@ def evaluate(
         cfg = config_from_mapping(manifest.config, overrides, where=f"{model} (manifest config)")
     data = stages.prepare(cfg.data, cfg.split)
     metrics = stages.evaluate_artifact(
-        resolved.path, data.encoded, stages.heldout(data.encoded, split), cfg.eval.ks
+        resolved.path,
+        data.encoded,
+        stages.heldout(data.encoded, split),
+        cfg.eval.ks,
+        sampling=cfg.eval,
     )
     same = data.fingerprint == manifest.dataset.fingerprint
     typer.echo(
@@ -231,7 +237,7 @@ def evaluate(
         f"({'the data it was trained on' if same else 'other data'}), {split} split:"
     )
     for name, value in metrics.items():
-        typer.echo(f"  {split} {name:16s} {value:.4f}")
+        typer.echo(f"  {split} {name:16s} {_number(name, value)}")
     if log:
         run_id = stages.log_evaluation(cfg, data, metrics, model=model, split=split)
         typer.echo(f"logged as run {run_id} in experiment {cfg.experiment}")
@@ -260,3 +266,100 @@ def _outcome(run_id: str, model_uri: str | None, champion: bool, reason: str) ->
         raise typer.Exit(EXIT_NOT_REGISTERED)
     moved = "moved" if champion else "unchanged"
     typer.echo(f"run {run_id}: {model_uri} (champion {moved}: {reason})")
+
+
+@app.command()
+@guarded
+def tune(
+    config: ConfigOpt = None,
+    interactions: InteractionsOpt = None,
+    tracks: TracksOpt = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Fix a config field (not searched), e.g. --set train.epochs=5."),
+    ] = None,
+    trials: Annotated[int, typer.Option(help="Most trials to run (>= 1).")] = 50,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the whole search may take: no trial starts after it, and a running "
+            "one stops after its current epoch."
+        ),
+    ] = 900.0,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Where the best config is written (rewritten at each new best) as a YAML that "
+            "`tracktower train --config` accepts."
+        ),
+    ] = Path("best.yaml"),
+    seed: Annotated[int, typer.Option(help="Seed of the TPE sampler.")] = 0,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment name.")] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="Name of the parent MLflow run (default: derived).")
+    ] = None,
+    tracking_uri: TrackingOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Search the model's hyperparameters on the validation split (Optuna TPE with pruning),
+    every trial an MLflow child run of one parent run; write the best config as a YAML.
+
+    The test split is never evaluated. Ctrl-C ends the search keeping the best trial so far
+    (written to --out; the parent run ends KILLED; exit code 130).
+    """
+    from tracktower.training import tracking
+    from tracktower.training import tune as tuning
+
+    tuning.check_budget(trials, timeout)
+    # The YAML keeps the data paths of the input config (and its --set), not the flags'.
+    written = experiment_config(config, set_)
+    cfg = experiment_config(config, set_, interactions, tracks, experiment=experiment)
+    setup_logging(verbose)
+    _optuna_logs_through_logging()
+    tracking.configure(tracking_uri)
+    stem = config.stem if config is not None else "default"
+    options = tuning.TuneOptions(
+        trials=trials,
+        timeout=timeout,
+        out=out,
+        seed=seed,
+        fixed=tuning.fixed_keys(set_ or []),
+        run_name=run_name or f"tune {stem} {trials} trials",
+        interactions_path=written.data.interactions,
+        tracks_path=written.data.tracks,
+    )
+    result = tuning.tune(cfg, options)
+    _tune_outcome(result)
+
+
+def _optuna_logs_through_logging() -> None:
+    """Optuna's one line per trial in the same format as ours, instead of its own handler."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+def _tune_outcome(result: TuneResult) -> None:
+    """The best trial and where its config went; exit 130 when Ctrl-C ended the search, 1
+    when it ended with no complete trial."""
+    counts = f"{result.n_trials} trials: {result.n_complete} complete, {result.n_pruned} pruned"
+    if result.best_value is None or result.out is None:
+        typer.echo(f"parent run {result.run_id}: no trial completed ({counts})", err=True)
+    else:
+        typer.echo(
+            f"best {result.metric} {result.best_value:.4f} (trial {result.best_trial}; "
+            f"{counts}) → {result.out}; parent run {result.run_id}"
+        )
+        for key, value in sorted(result.best_params.items()):
+            typer.echo(f"  {key:32s} {value}")
+    if result.interrupted:
+        typer.echo("interrupted: the search ended early", err=True)
+        raise typer.Exit(130)
+    if result.out is None:
+        raise typer.Exit(1)
+
+
+def _number(name: str, value: float) -> str:
+    """Counts (``eval_users``, ``eval_sampled``) as integers, metrics to four decimals."""
+    return f"{value:.0f}" if name.startswith("eval_") else f"{value:.4f}"

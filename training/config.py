@@ -123,12 +123,14 @@ class CheckpointConfig(_Strict):
 class TrainConfig(_Strict):
     """``learning_rate`` and ``batch_size`` are one replica's: with N replicas (GPUs of a
     ``mirrored`` run, or all workers' of a ``multi_worker`` one) a step takes N x batch_size
-    examples and Adam/Adagrad run at learning_rate x sqrt(N); SGD keeps its rate (its summed
-    gradient already grows with the batch). See ``tracktower.training.strategy``; the values
-    used are logged as ``resolved.*``.
+    examples and Adam, lazy Adam and Adagrad run at learning_rate x sqrt(N); SGD keeps its rate
+    (its summed gradient already grows with the batch). See ``tracktower.training.strategy``;
+    the values used are logged as ``resolved.*``.
     """
 
-    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    # lazy_adam updates only the embedding rows a batch touches (Adam decays every row's moments
+    # each step, a cost that grows with the catalogue): see training/optimizers.py.
+    optimizer: Literal["adam", "lazy_adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(0.003, gt=0.0)
     # "cosine" decays the learning rate to 0 over train.epochs (early stopping may end sooner).
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -142,6 +144,14 @@ class TrainConfig(_Strict):
     seed: int = 42
     # Validation users scored per epoch (a seeded sample keeps epochs fast on big data).
     max_val_users: int = Field(5000, ge=1)
+    # Caps the steps of each epoch (None: one pass over the training examples), so a full-size
+    # dataset can be trained briefly for a benchmark or a smoke test without changing the data.
+    max_steps: int | None = Field(None, ge=1)
+    # Examples shuffled together: bounds training memory whatever the row count (fit writes the
+    # examples once in a seeded random order to a scratch file, so a window of it suffices).
+    shuffle_buffer: int = Field(1 << 18, ge=1)
+    # A per-epoch progress bar (examples/s, ETA) on stderr; the same figures go to MLflow.
+    progress: bool = True
     checkpoints: CheckpointConfig = CheckpointConfig()
 
     @field_validator("batch_size")
@@ -153,7 +163,15 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """Above ``max_pairs`` (evaluated users x tracks), test and validation metrics are exact on
+    a seeded random sample of ``max_pairs // tracks`` users, reported with a bootstrap 95%
+    interval (``bootstrap`` resamples of those users), so evaluation never grows as users x
+    tracks."""
+
     ks: list[int] = Field(default_factory=lambda: list(DEFAULT_KS))
+    max_pairs: int = Field(20_000_000_000, ge=1)
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
 
 
 class PromotionConfig(_Strict):

@@ -1,5 +1,10 @@
 """Exact offline evaluation: brute-force scores over all tracks, with an explicit exclusion set.
 
+Brute force costs users x tracks, so callers bound the users: per-epoch validation scores a
+seeded sample of ``train.max_val_users``, which ``sampling`` (``eval.max_pairs``) cuts further
+when given; the test of a trained model goes through the artifact's retrieval index instead
+(``stages.evaluate_artifact``).
+
 Query embeddings come from :func:`tracktower.training.pipeline.history_rows`, the history encoding
 training uses, and the ranking is ``tracktower.features.ranking`` — the same routine the server
 calls — so offline metrics describe exactly what is served. The exclusion set is always passed by
@@ -13,7 +18,12 @@ import scipy.sparse as sp
 
 from tracktower.features.ranking import score_chunks
 from tracktower.features.tf import tf
-from tracktower.training.metrics import ranking_metrics, users_with_heldout
+from tracktower.training.metrics import (
+    Sampling,
+    ranking_metrics,
+    sample_users,
+    users_with_heldout,
+)
 from tracktower.training.model import TwoTowerModel
 from tracktower.training.pipeline import history_rows
 
@@ -58,9 +68,12 @@ def evaluate_embeddings(
     ks: list[int],
     *,
     exclude: sp.csr_matrix,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Metrics for ``users`` (row i of ``queries`` is user ``users[i]``) against their ``truth``
-    rows, never recommending what their ``exclude`` rows hold."""
+    rows, never recommending what their ``exclude`` rows hold; ``bootstrap``/``seed`` as in
+    ``metrics.ranking_metrics``. Exact: every candidate is scored, so callers bound ``users``."""
     k = max(ks)
     tops = [idx for idx, _ in score_chunks(queries, candidates, k, sp.csr_matrix(exclude)[users])]
     top = np.concatenate(tops) if tops else np.zeros((0, k), np.int64)
@@ -70,6 +83,8 @@ def evaluate_embeddings(
         unknown[users] if unknown is not None else None,
         ks,
         n_items=candidates.shape[0],
+        bootstrap=bootstrap,
+        seed=seed,
     )
 
 
@@ -82,19 +97,31 @@ def evaluate_model(
     *,
     exclude: sp.csr_matrix,
     users: np.ndarray | None = None,
+    sampling: Sampling | None = None,
 ) -> dict[str, float]:
     """``known`` is what the query tower reads as each user's history, ``exclude`` what may not
-    be recommended; ``users`` defaults to those with held-out tracks (the only ones averaged)."""
+    be recommended; ``users`` defaults to those with held-out tracks (the only ones averaged).
+
+    ``sampling`` (``EvalConfig``): above its pair budget (users x tracks) only a seeded sample of
+    ``users`` is scored (``metrics.sample_users``), and the result adds ``eval_users``,
+    ``eval_sampled`` and bootstrap intervals; None scores every one of ``users``.
+    """
     if users is None:
         users = users_with_heldout(truth, unknown)
-    if len(users) == 0:
+    sample = sample_users(users, model.n_tracks, sampling)
+    if len(sample.users) == 0:
         return {}
-    return evaluate_embeddings(
-        user_embeddings(model, known, users),
+    metrics = evaluate_embeddings(
+        user_embeddings(model, known, sample.users),
         track_embeddings(model),
-        users,
+        sample.users,
         truth,
         unknown,
         ks,
         exclude=exclude,
+        bootstrap=sampling.bootstrap if sampling is not None else 0,
+        seed=sampling.seed if sampling is not None else 0,
     )
+    if sampling is not None:
+        metrics.update(sample.as_metrics())
+    return metrics

@@ -1,51 +1,113 @@
-"""From encoded interactions to batched ``tf.data`` input, with no per-example Python.
+"""From encoded interactions to batched ``tf.data`` input, in memory that does not grow with
+the number of training rows, and with no per-example Python.
 
-Examples are integer arrays computed once. Each batch gathers its users' listening histories from a
-dense table (:func:`history_rows`, the encoding inference uses too) with plain gathers, which are
-much cheaper than ragged ops, drops the target track from its own history (otherwise the model
-learns to look the answer up), and subsamples long histories.
+The examples are written once, in a seeded random order, to an anonymous scratch file
+(:func:`make_examples`; 12 bytes per row, on disk, unlinked from the start so that nothing is
+left behind even by a killed run) and read back through a memory map in groups of
+``shuffle_buffer`` rows: each epoch reads the groups in a new order and permutes each one
+(seeded, so every worker of a multi-worker job draws the same order and keeps its own share).
+The track's log sampling probability comes from a per-track table, not from the examples.
+
+When the model reads histories, each batch gathers its users' tracks from a table of
+``users x (history_max_len + 1)`` (:func:`history_rows`, the encoding inference uses too) with
+plain gathers, and drops the target track from its own history (otherwise the model learns to
+look the answer up). Without histories, a batch is three columns and a lookup.
 """
 
 from __future__ import annotations
 
+import mmap
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
 from tracktower.features.tf import tf
 
+# Rows handled at once while writing the examples or building the history table: bounds the
+# transient memory of both, whatever the number of rows.
+_CHUNK = 1 << 20
+# Rows per block read from the scratch file; a group of blocks fills the shuffle buffer.
+BLOCK_ROWS = 1 << 16
+
 
 @dataclass(frozen=True)
 class Examples:
-    """One row per (user, track) training interaction, indices already shifted by +1 (0 = OOV)."""
+    """One row per (user, track) training interaction, indices already shifted by +1 (0 = OOV),
+    in a seeded random order: ``rows`` is ``[n, 3]`` int32 (user, track, the float32 weight's
+    bits), a memory map of an anonymous scratch file when ``n > 0``. ``track_log_q[t]`` is the
+    log sampling probability of track ``t`` (+1) among the examples (row 0 unused)."""
 
-    user: np.ndarray  # int32
-    track: np.ndarray  # int32
-    weight: np.ndarray  # float32, mean 1
-    log_q: np.ndarray  # float32, log sampling probability of the track among examples
+    rows: np.ndarray
+    track_log_q: np.ndarray  # float32, n_tracks + 1
 
     def __len__(self) -> int:
-        return len(self.user)
+        return len(self.rows)
+
+    @property
+    def user(self) -> np.ndarray:
+        return self.rows[:, 0]
+
+    @property
+    def track(self) -> np.ndarray:
+        return self.rows[:, 1]
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.rows[:, 2].view(np.float32)
 
 
-def make_examples(train: sp.csr_matrix, weighting: str) -> Examples:
-    coo = train.tocoo()
-    user = coo.row.astype(np.int32) + 1
-    track = coo.col.astype(np.int32) + 1
-    raw = coo.data.astype(np.float64)
+def _weights(raw: np.ndarray, weighting: str) -> np.ndarray:
+    raw = raw.astype(np.float64)
     if weighting == "none":
-        weight = np.ones_like(raw)
-    elif weighting == "log1p":
-        weight = 1.0 + np.log1p(np.maximum(raw - 1.0, 0.0))
-    elif weighting == "raw":
-        weight = raw
-    else:  # pragma: no cover - validated by the config model
-        raise ValueError(f"unknown weighting {weighting!r}")
-    weight = weight / max(weight.mean(), 1e-12)
-    counts = np.bincount(coo.col, minlength=train.shape[1]).astype(np.float64)
-    log_q = np.log(counts[coo.col] / counts.sum())
-    return Examples(user, track, weight.astype(np.float32), log_q.astype(np.float32))
+        return np.ones_like(raw)
+    if weighting == "log1p":
+        return 1.0 + np.log1p(np.maximum(raw - 1.0, 0.0))
+    if weighting == "raw":
+        return raw
+    raise ValueError(f"unknown weighting {weighting!r}")  # pragma: no cover - config validates
+
+
+def make_examples(
+    train: sp.csr_matrix, weighting: str, *, seed: int = 0, scratch_dir: Path | None = None
+) -> Examples:
+    """The examples of ``train``, weights scaled to mean 1, shuffled once with ``seed`` and
+    written to an unlinked temporary file in ``scratch_dir`` (the system's temp directory when
+    None); the file's space is freed when the returned memory map is.
+
+    Built a chunk at a time: besides the file, only the permutation (4 bytes per row) is held.
+    """
+    train = sp.csr_matrix(train)
+    n = int(train.nnz)
+    counts = np.bincount(train.indices, minlength=train.shape[1]).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_q = np.log(counts / max(counts.sum(), 1.0))
+    track_log_q = np.concatenate([[0.0], log_q]).astype(np.float32)
+    if n == 0:
+        return Examples(np.zeros((0, 3), np.int32), track_log_q)
+    total = sum(
+        float(_weights(train.data[i : i + _CHUNK], weighting).sum()) for i in range(0, n, _CHUNK)
+    )
+    scale = 1.0 / max(total / n, 1e-12)
+    order = np.arange(n, dtype=np.int64 if n >= 2**31 else np.int32)
+    np.random.default_rng(seed).shuffle(order)
+    with tempfile.TemporaryFile(dir=scratch_dir) as handle:
+        rows = np.memmap(handle, dtype=np.int32, mode="w+", shape=(n, 3))
+    for i in range(0, n, _CHUNK):
+        pick = order[i : i + _CHUNK]
+        rows[i : i + len(pick), 0] = np.searchsorted(train.indptr, pick, side="right")
+        rows[i : i + len(pick), 1] = train.indices[pick] + 1
+        weight = (_weights(train.data[pick], weighting) * scale).astype(np.float32)
+        rows[i : i + len(pick), 2] = weight.view(np.int32)
+    del order
+    rows.flush()
+    mapped = getattr(rows, "_mmap", None)  # numpy's mmap.mmap: no public accessor
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)  # written pages leave the RSS (they are in the file)
+    return Examples(rows, track_log_q)
 
 
 def auto_batch_size(n_examples: int) -> int:
@@ -89,19 +151,74 @@ def history_rows(
     return out
 
 
+def history_table(train: sp.csr_matrix, width: int, seed: int) -> np.ndarray:
+    """``history_rows`` of every user with ``cap=width``, behind a row 0 of zeros for the
+    unknown user (so the +1-shifted user ids index it directly): ``(users + 1) x width`` int32
+    at most, built a chunk of users at a time so its transient memory stays bounded too."""
+    train = sp.csr_matrix(train)
+    longest = int(np.diff(train.indptr).max(initial=0))
+    table = np.zeros((train.shape[0] + 1, max(min(longest, width), 1)), np.int32)
+    step = max(_CHUNK // max(width, 1), 1)
+    for i, start in enumerate(range(0, train.shape[0], step)):
+        users = np.arange(start, min(start + step, train.shape[0]))
+        part = history_rows(train, users, width, seed=seed + 7919 * i)
+        table[start + 1 : start + 1 + len(users), : part.shape[1]] = part
+    return table
+
+
 def _training_history(
     table: tf.Tensor, user: tf.Tensor, track: tf.Tensor, max_len: int
 ) -> tf.Tensor:
-    """A uniform random subset of at most ``max_len`` of the user's tracks, the target removed."""
+    """The user's (at most ``max_len + 1``) table tracks with the target removed, ``max_len``
+    wide: a target among the first ``max_len`` is replaced by the last column, so a user with
+    more tracks still shows ``max_len`` of them. Zeros are padding, wherever they fall."""
     hist = tf.gather(table, user)
-    valid = tf.logical_and(hist > 0, tf.not_equal(hist, tf.expand_dims(track, 1)))
-    if hist.shape[1] is not None and hist.shape[1] <= max_len:
-        return tf.where(valid, hist, tf.zeros_like(hist))
-    keys = tf.where(valid, tf.random.uniform(tf.shape(hist)), 2.0)
-    _, pick = tf.math.top_k(-keys, k=max_len)
-    hist = tf.gather(hist, pick, batch_dims=1)
-    valid = tf.gather(valid, pick, batch_dims=1)
-    return tf.where(valid, hist, tf.zeros_like(hist))
+    width = hist.shape[1]
+    is_target = tf.equal(hist[:, :max_len], tf.expand_dims(track, 1))
+    if width is not None and width <= max_len:
+        return tf.where(is_target, tf.zeros_like(hist), hist)
+    return tf.where(is_target, hist[:, max_len:], hist[:, :max_len])
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, max_steps: int | None = None) -> int:
+    """Full batches in one pass (one partial batch when there are fewer examples than a
+    batch), capped at ``max_steps``."""
+    steps = max(n_examples // batch_size, 1)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def _groups(examples: Examples, group_rows: int, seed: int) -> tf.data.Dataset:
+    """``[rows, 3]`` int32 tensors of about ``group_rows`` examples each: every epoch, blocks
+    of the scratch file in a new seeded order, a few blocks to a group, each group permuted
+    with its own seed (drawn from a seeded stream, so the same on every worker)."""
+    block = max(min(BLOCK_ROWS, group_rows), 1)
+    n_blocks = -(-len(examples) // block)
+    per_group = max(group_rows // block, 1)
+    # Weakly: TensorFlow keeps every numpy_function of an eager program for the life of the
+    # process, and a strong reference would keep the scratch file with it. The dataset that
+    # training_dataset returns holds the map (so its iterators do too).
+    examples_ref = weakref.ref(examples.rows)
+
+    def read(ids: np.ndarray, group_seed: np.int64) -> np.ndarray:
+        rows = examples_ref()
+        if rows is None:  # pragma: no cover - the returned dataset holds them
+            raise RuntimeError("the training examples were released before their dataset")
+        parts = [rows[int(i) * block : (int(i) + 1) * block] for i in ids]
+        got = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        return got[np.random.default_rng(int(group_seed) & (2**63 - 1)).permutation(len(got))]
+
+    def load(ids: tf.Tensor, group_seed: tf.Tensor) -> tf.Tensor:
+        got = tf.numpy_function(read, [ids, group_seed], tf.int32, stateful=False)
+        got.set_shape([None, 3])
+        return got
+
+    ids = tf.data.Dataset.range(n_blocks).shuffle(
+        n_blocks, seed=seed, reshuffle_each_iteration=True
+    )
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip(ids.batch(per_group), seeds).map(
+        load, num_parallel_calls=2, deterministic=True
+    )
 
 
 def training_dataset(
@@ -112,33 +229,39 @@ def training_dataset(
     history_max_len: int,
     user_id_dropout: float,
     seed: int,
+    shuffle_buffer: int = 1 << 18,
+    with_history: bool = True,
+    max_steps: int | None = None,
 ) -> tf.data.Dataset:
-    """Shuffled batches with each example's history attached.
+    """Shuffled batches of ``user``, ``track``, ``weight``, ``log_q`` (and ``history`` when the
+    model reads it), :func:`steps_per_epoch` of them per pass, each pass in a new order.
 
-    The histories table holds up to ``4 x history_max_len`` tracks per user, so each epoch can
-    still draw a different ``history_max_len`` subset while the table stays bounded.
+    Memory: ``shuffle_buffer`` examples in flight, the per-track ``log_q`` table and, with
+    histories, the ``users x (history_max_len + 1)`` table; never the examples themselves.
+    A heavy user's table row is one seeded random subset of their tracks, the same every epoch.
     """
-    histories = history_rows(train, np.arange(train.shape[0]), 4 * history_max_len, seed)
-    # Row 0 stands for the unknown user, so the examples' +1-shifted user ids index it directly.
-    table = np.concatenate([np.zeros((1, histories.shape[1]), np.int32), histories])
-    ds = tf.data.Dataset.from_tensor_slices(
-        {
-            "user": examples.user,
-            "track": examples.track,
-            "weight": examples.weight,
-            "log_q": examples.log_q,
-        }
-    )
-    table_t = tf.constant(table)
-    ds = ds.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=len(examples) >= batch_size)
+    steps = steps_per_epoch(len(examples), batch_size, max_steps)
+    log_q = tf.constant(examples.track_log_q)
+    table = tf.constant(history_table(train, history_max_len + 1, seed)) if with_history else None
 
-    def add_history(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        out = dict(batch)
-        out["history"] = _training_history(table_t, batch["user"], batch["track"], history_max_len)
+    def to_batch(rows: tf.Tensor) -> dict[str, tf.Tensor]:
+        user, track = rows[:, 0], rows[:, 1]
+        out = {
+            "user": user,
+            "track": track,
+            "weight": tf.bitcast(rows[:, 2], tf.float32),
+            "log_q": tf.gather(log_q, track),
+        }
+        if table is not None:
+            out["history"] = _training_history(table, user, track, history_max_len)
         if user_id_dropout > 0:
-            hide = tf.random.uniform(tf.shape(batch["user"])) < user_id_dropout
-            out["user"] = tf.where(hide, tf.zeros_like(batch["user"]), batch["user"])
+            hide = tf.random.uniform(tf.shape(user)) < user_id_dropout
+            out["user"] = tf.where(hide, tf.zeros_like(user), user)
         return out
 
-    return ds.map(add_history, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = _groups(examples, max(shuffle_buffer, batch_size), seed)
+    ds = ds.rebatch(batch_size, drop_remainder=len(examples) >= batch_size).take(steps)
+    ds = ds.map(to_batch, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+    ds._tracktower_examples = examples.rows  # see _groups: what keeps the scratch file alive
+    return ds

@@ -33,7 +33,7 @@ from tracktower.features.dataset import Encoded, reindex
 from tracktower.features.errors import DataError
 from tracktower.features.index import ExactIndex, IndexInfo, RetrievalIndex, search_excluding
 from tracktower.training import champion, checkpoints, launcher, tracking
-from tracktower.training.config import ExperimentConfig, PromotionConfig, flatten
+from tracktower.training.config import EvalConfig, ExperimentConfig, PromotionConfig, flatten
 from tracktower.training.data import Prepared, prepare
 
 if TYPE_CHECKING:
@@ -102,10 +102,33 @@ class TrainSummary:
     train_seconds: float = 0.0
     # Epochs restored from a dead run's backup by --resume (0: trained from the first epoch).
     resumed_epochs: int = 0
+    # Wall seconds of each stage, in order (also the run's ``stage_<name>_seconds`` metrics).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(asdict(self), indent=2))
+
+
+class StageTimer:
+    """Wall seconds per stage of one ``train``: where the time goes at catalogue scale (logged as
+    ``stage_<name>_seconds``; a stage timed twice adds up)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            log.info("stage %s: %.1f s", name, elapsed)
+
+    def log(self) -> None:
+        tracking.log_metrics({f"stage_{k}_seconds": v for k, v in self.seconds.items()})
 
 
 def heldout(encoded: Encoded, split: str = "test") -> Heldout:
@@ -155,7 +178,9 @@ def popularity_baseline(
 
     The metrics are always computed (the registration gate needs them); the run is logged once
     per dataset fingerprint and split, since re-logging it with every ``train`` would only add
-    identical rows to the runs table, and an existing one is reused.
+    identical rows to the runs table, and an existing one is reused. Above ``cfg.eval.max_pairs``
+    they are of the same seeded sample of users as the model's test (``metrics.sample_users``),
+    ranked in O(users x k) (``Popularity.top_k``).
     """
     from tracktower.training.baselines.popular import Popularity
     from tracktower.training.baselines.runner import evaluate_recommender
@@ -164,7 +189,7 @@ def popularity_baseline(
     model = Popularity().fit(data.encoded.train)
     fit_seconds = time.perf_counter() - started
     metrics = evaluate_recommender(
-        model, held.truth, held.unknown, cfg.eval.ks, exclude=held.exclude
+        model, held.truth, held.unknown, cfg.eval.ks, exclude=held.exclude, sampling=cfg.eval
     )
     if not log_run:
         return None, metrics
@@ -199,11 +224,19 @@ def fit(
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         tracking.log_metrics(row, prefix="epoch_", step=epoch)
 
+    def on_progress(step: int, figures: dict[str, float]) -> None:
+        tracking.log_metrics(figures, prefix="progress_", step=step)
+
     if checkpoint_dir is not None:
         tracking.set_tags({checkpoints.DIR_TAG: str(checkpoint_dir)})
     started = time.perf_counter()
     result = fit_model(
-        cfg, data.encoded, data.track_artist, checkpoint_dir=checkpoint_dir, on_epoch=on_epoch
+        cfg,
+        data.encoded,
+        data.track_artist,
+        checkpoint_dir=checkpoint_dir,
+        on_epoch=on_epoch,
+        on_progress=on_progress,
     )
     seconds = time.perf_counter() - started
     tracking.log_params_flat(
@@ -271,7 +304,12 @@ EVAL_BLOCK = 4096
 
 
 def evaluate_artifact(
-    path: Path, encoded: Encoded, held: Heldout, ks: list[int]
+    path: Path,
+    encoded: Encoded,
+    held: Heldout,
+    ks: list[int],
+    *,
+    sampling: EvalConfig | None = None,
 ) -> dict[str, float]:
     """Ranking metrics of an exported model on a split, through the artifact's own vocabulary
     and its own retrieval index (what the server would return, exclusions included).
@@ -279,10 +317,17 @@ def evaluate_artifact(
     ``encoded``/``held`` may come from another encoding of the data (``tracktower evaluate`` on
     a re-prepared dataset): users the model does not know are skipped, held-out tracks it does not
     know count as unreachable, exactly as for a model trained on that data.
+
+    Above ``sampling.max_pairs`` (users x tracks) only a seeded sample of the users is searched
+    (``metrics.sample_users``: the popularity baseline of the same split gets the same one); the
+    result adds ``eval_users``, ``eval_sampled`` and bootstrap intervals. ``sampling`` defaults
+    to the ``eval`` settings the artifact was trained with (its manifest's config), so a
+    re-evaluation draws the sample its training run's test did.
     """
-    from tracktower.training.metrics import ranking_metrics
+    from tracktower.training.metrics import ranking_metrics, sample_users
 
     manifest = contract.read_manifest(path)
+    sampling = sampling if sampling is not None else _artifact_eval_config(manifest, path)
     arrays = contract.read_arrays(path, manifest)
     index = contract.read_index(path, manifest, arrays["track_embeddings"])
     users = reindex_ids(arrays["user_ids"], encoded.user_ids)
@@ -290,14 +335,47 @@ def evaluate_artifact(
     shape = (len(arrays["user_ids"]), len(arrays["track_ids"]))
     truth, unknown = reindex(held.truth, users, tracks, shape, held.unknown)
     exclude, _ = reindex(held.exclude, users, tracks, shape)
-    rows = np.flatnonzero(np.diff(truth.indptr) + unknown > 0)
+    sample = sample_users(np.flatnonzero(np.diff(truth.indptr) + unknown > 0), shape[1], sampling)
+    rows = sample.users
     if len(rows) == 0:
         return {}
     # As wide as the lists the server answers known users from (an approximate search for more
     # candidates is not a prefix of one for fewer), then cut: the metrics are of what is served.
     width = min(max(max(ks), manifest.known_top_k), shape[1])
     top = search_index(index, arrays, width, exclude, rows)[:, : max(ks)]
-    return ranking_metrics(top, truth[rows], unknown[rows], ks, n_items=shape[1])
+    metrics = ranking_metrics(
+        top,
+        truth[rows],
+        unknown[rows],
+        ks,
+        n_items=shape[1],
+        bootstrap=sampling.bootstrap,
+        seed=sampling.seed,
+    )
+    log.info(
+        "artifact evaluated on %d of %d users (%s)",
+        len(rows),
+        sample.population,
+        "a seeded sample" if sample.sampled else "all",
+    )
+    return {**metrics, **sample.as_metrics()}
+
+
+def _artifact_eval_config(manifest: contract.Manifest, path: Path) -> EvalConfig:
+    """The ``eval`` settings an artifact was trained with: defaults for what it does not say,
+    and keys this version does not know are left out (an artifact from a newer version)."""
+    from pydantic import ValidationError
+
+    saved = manifest.config.get("eval") or {}
+    if not isinstance(saved, dict):
+        raise DataError(f"manifest config eval: expected a mapping, got {saved!r:.60}", path=path)
+    known = {k: v for k, v in saved.items() if k in EvalConfig.model_fields}
+    try:
+        return EvalConfig.model_validate(known)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        field_name = ".".join(str(p) for p in problem["loc"])
+        raise DataError(f"manifest config eval.{field_name}: {problem['msg']}", path=path) from None
 
 
 def search_index(
@@ -390,13 +468,16 @@ def train(
     if not (role := _role(cfg)).chief:
         raise DataError(f"this process is {role.name} of a cluster: see train_worker")
     checkpoint_root = checkpoints.prepare_root(cfg.train)
-    data = prepare(cfg.data, cfg.split, final=final)
+    timer = StageTimer()
+    with timer("prepare"):
+        data = prepare(cfg.data, cfg.split, final=final)
     log.info("dataset %s: %s (fingerprint %s)", data.source, data.stats, data.fingerprint[:12])
     check_size(cfg.promotion, data)
     held = None if final else heldout(data.encoded)
-    baseline_id, popular = (
-        popularity_baseline(cfg, data, held, log_run=baseline) if held else (None, {})
-    )
+    with timer("baseline"):
+        baseline_id, popular = (
+            popularity_baseline(cfg, data, held, log_run=baseline) if held else (None, {})
+        )
     name = run_name(cfg, config_path, final=final)
     key = checkpoints.run_key(cfg, data.fingerprint, final=final, workers=launcher.role().workers)
     tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
@@ -413,9 +494,14 @@ def train(
             checkpoint_root, policy, key, run_id, resumed=resumed is not None
         ) as checkpoint_dir:
             _share_checkpoint_dir(cfg, checkpoint_dir)
-            result, seconds = fit(cfg, data, checkpoint_dir)
-        metrics = _export_and_evaluate(cfg, data, result, held, popular, run_id, name)
-        registration = register(run_id, model_name=cfg.model_name, promote=_promote(final, promote))
+            with timer("fit"):
+                result, seconds = fit(cfg, data, checkpoint_dir)
+        metrics = _export_and_evaluate(cfg, data, result, held, popular, run_id, name, timer)
+        with timer("register"):
+            registration = register(
+                run_id, model_name=cfg.model_name, promote=_promote(final, promote)
+            )
+        timer.log()
     log.info("%s: %s", registration.model_uri or "not registered", registration.reason)
     return TrainSummary(
         run_id=run_id,
@@ -431,6 +517,7 @@ def train(
         dataset={"fingerprint": data.fingerprint, **data.stats},
         train_seconds=seconds,
         resumed_epochs=result.resumed_epochs,
+        stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
     )
 
 
@@ -442,20 +529,26 @@ def _export_and_evaluate(
     popular: dict[str, float],
     run_id: str,
     name: str,
+    timer: StageTimer,
 ) -> dict[str, float]:
     """Export, score the artifact on the test split (unless ``--final``), log the model; returns
     the test metrics."""
     with scratch_dir() as tmp:
-        exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
+        with timer("export"):
+            exported = export(cfg, data, result, Path(tmp) / "artifact", run_id)
         path = exported.path
         log_index(exported.index)
         metrics: dict[str, float] = {}
         if held is not None:
-            metrics = evaluate_artifact(path, data.encoded, held, cfg.eval.ks)
+            with timer("evaluate"):
+                metrics = evaluate_artifact(
+                    path, data.encoded, held, cfg.eval.ks, sampling=cfg.eval
+                )
             tracking.log_test_metrics(metrics, title=f"{name} — test")
             tracking.log_metrics(popular, prefix="baseline_test_")
             contract.update_manifest(path, metrics={f"test_{k}": v for k, v in metrics.items()})
-        tracking.log_model(path)
+        with timer("log_model"):
+            tracking.log_model(path)
     return metrics
 
 

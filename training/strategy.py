@@ -72,7 +72,7 @@ def scaled_learning_rate(optimizer: str, learning_rate: float, replicas: int) ->
     gradient, and with it SGD's step, already grows linearly with the global batch (the linear
     scaling rule, built in).
     """
-    if optimizer in ("adam", "adagrad"):
+    if optimizer in ("adam", "lazy_adam", "adagrad"):
         return learning_rate * math.sqrt(max(replicas, 1))
     return learning_rate
 

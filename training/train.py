@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from tracktower.training import evaluate, launcher, pipeline
 from tracktower.training.config import ExperimentConfig, TrainConfig
 from tracktower.training.metrics import users_with_heldout
 from tracktower.training.model import TwoTowerModel
+from tracktower.training.optimizers import LazyAdam
 from tracktower.training.strategy import (
     configure_precision,
     make_strategy,
@@ -49,6 +51,8 @@ from tracktower.training.strategy import (
 log = logging.getLogger(__name__)
 
 EpochHook = Callable[[int, dict[str, float]], None]
+# (global step, figures): see _Progress.
+ProgressHook = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -92,6 +96,8 @@ def _optimizer(
         )
     if cfg.optimizer == "adam":
         return tf.keras.optimizers.Adam(lr)
+    if cfg.optimizer == "lazy_adam":
+        return LazyAdam(lr)
     if cfg.optimizer == "adagrad":
         return tf.keras.optimizers.Adagrad(lr)
     return tf.keras.optimizers.SGD(lr, momentum=0.9)
@@ -201,22 +207,108 @@ class _Validation(tf.keras.callbacks.Callback):
             self.cfg.eval.ks,
             exclude=self.data.train,
             users=self.val_users,
+            # The same users x tracks budget as the test metrics; no interval every epoch.
+            sampling=self.cfg.eval.model_copy(update={"bootstrap": 0}),
         )
+
+
+class _Progress(tf.keras.callbacks.Callback):
+    """Examples/s and the epoch's ETA as it goes: a tqdm bar on stderr when ``show_bar`` (the
+    config's ``train.progress`` and a terminal), else a log line at every tenth of the epoch.
+
+    At every tenth, ``on_progress(step, figures)`` gets the run's 1-based global step and
+    ``examples_per_sec`` (since the epoch began), ``eta_seconds`` (to the epoch's end),
+    ``epoch_fraction`` and the epoch's running mean ``loss``: ten calls an epoch, so a caller
+    can log them to MLflow without slowing the steps. Keras hands this callback its batch logs
+    as tensors (``_supports_tf_logs``): only the tenths read one, the other steps never wait.
+    """
+
+    _supports_tf_logs = True
+
+    def __init__(
+        self, examples_per_step: int, show_bar: bool, on_progress: ProgressHook | None
+    ) -> None:
+        super().__init__()
+        self.per_step = examples_per_step
+        self.show_bar = show_bar
+        self.on_progress = on_progress
+        self.epoch = 0
+        self.steps = 0
+        self.marks: set[int] = set()
+        self.started = 0.0
+        self.bar: Any = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+        self.steps = int(self.params.get("steps") or 0)
+        self.marks = {max(1, round(self.steps * k / 10)) for k in range(1, 11)}
+        self.started = time.perf_counter()
+        if self.show_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=self.steps * self.per_step,
+                desc=f"epoch {epoch + 1}/{self.params.get('epochs', 0)}",
+                unit="ex",
+                unit_scale=True,
+                file=sys.stderr,
+                leave=False,
+            )
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        done = batch + 1
+        if self.bar is not None:
+            self.bar.update(self.per_step)
+        if done not in self.marks:
+            return
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        figures = {
+            "examples_per_sec": done * self.per_step / elapsed,
+            "eta_seconds": (self.steps - done) * elapsed / done,
+            "epoch_fraction": done / max(self.steps, 1),
+        }
+        if logs and "loss" in logs:
+            figures["loss"] = float(logs["loss"])
+        if self.bar is None:
+            log.info(  # not "epoch N/M ...": that line is the epoch's result (logs parse it)
+                "step %d/%d of epoch %d/%d (%.0f%%): %.0f ex/s, ETA %.0f s",
+                done,
+                self.steps,
+                self.epoch + 1,
+                self.params.get("epochs", 0),
+                100 * figures["epoch_fraction"],
+                figures["examples_per_sec"],
+                figures["eta_seconds"],
+            )
+        if self.on_progress is not None:
+            self.on_progress(self.epoch * self.steps + done, figures)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.close()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _callbacks(
     cfg: ExperimentConfig,
     validation: _Validation,
     checkpoint_dir: Path | None,
+    progress: _Progress,
 ) -> tuple[list[tf.keras.callbacks.Callback], tf.keras.callbacks.EarlyStopping | None]:
-    """Validation first (it fills the logs), then early stopping, then the backup.
+    """Progress, then validation (it fills the logs), then early stopping, then the backup.
 
     tf-keras 2.20's ``EarlyStopping`` restores the best weights in ``on_train_end`` whenever it
     saw a monitored value, whether it stopped early or ran out of epochs, so the model always ends
     on its best epoch. Its memory is not part of the backup: a resumed job keeps the best of the
     epochs it runs itself.
     """
-    callbacks: list[tf.keras.callbacks.Callback] = [validation]
+    callbacks: list[tf.keras.callbacks.Callback] = [progress, validation]
     stopper = None
     if len(validation.val_users):
         stopper = tf.keras.callbacks.EarlyStopping(
@@ -238,6 +330,7 @@ def fit(
     *,
     checkpoint_dir: Path | None = None,
     on_epoch: EpochHook | None = None,
+    on_progress: ProgressHook | None = None,
 ) -> FitResult:
     """Train on ``data.train``, validate on ``data.val`` each epoch, keep the best epoch.
 
@@ -247,7 +340,11 @@ def fit(
     same directory (on a shared file system across hosts): the chief writes it, the others
     write only Keras's ``workertemp_<index>`` folder in it, which Keras removes after each save,
     and all restore from it. ``on_epoch(epoch, row)`` is called after every epoch with the
-    1-based epoch and its row.
+    1-based epoch and its row; ``on_progress(step, figures)`` at every tenth of an epoch with
+    the 1-based global step and its throughput figures (see :class:`_Progress`).
+
+    The examples live in an anonymous scratch file in the system's temp directory (``TMPDIR``),
+    12 bytes per row, for as long as the training input does (:mod:`.pipeline`).
     """
     tf.keras.utils.set_random_seed(cfg.train.seed)
     configure_precision(cfg.train.mixed_precision)
@@ -256,22 +353,26 @@ def fit(
         raise DataError(
             "checkpoint_dir: Keras's BackupAndRestore cannot back up train.strategy=cpu"
         )
-    examples = pipeline.make_examples(data.train, cfg.train.weighting)
+    examples = pipeline.make_examples(data.train, cfg.train.weighting, seed=cfg.train.seed)
     if len(examples) == 0:
         raise ValueError("no training interactions left after the split")
     model, ds, per_replica, lr = _model_and_batches(cfg, data, examples, strategy, track_artist)
     replicas = int(strategy.num_replicas_in_sync)
     n_workers = workers(strategy)
     chief = n_workers == 1 or launcher.role().chief
-    validation = _Validation(cfg, data, len(examples), on_epoch, strategy=strategy, chief=chief)
-    callbacks, stopper = _callbacks(cfg, validation, checkpoint_dir)
+    per_step = min(per_replica * replicas, len(examples))
+    steps = int(ds.cardinality())
+    validation = _Validation(cfg, data, steps * per_step, on_epoch, strategy=strategy, chief=chief)
+    progress = _Progress(per_step, cfg.train.progress and sys.stderr.isatty(), on_progress)
+    callbacks, stopper = _callbacks(cfg, validation, checkpoint_dir, progress)
     log.info(
-        "training on %d interactions, %d users, %d tracks, batch %d (%d per replica), "
-        "learning rate %g, strategy %s (%d replicas, %d workers)",
+        "training on %d interactions (%d steps of %d per epoch), %d users, %d tracks, "
+        "batch %d per replica, learning rate %g, strategy %s (%d replicas, %d workers)",
         len(examples),
+        steps,
+        per_step,
         len(data.user_ids),
         len(data.track_ids),
-        per_replica * replicas,
         per_replica,
         lr,
         type(strategy).__name__,
@@ -325,6 +426,9 @@ def _model_and_batches(
             history_max_len=cfg.model.history_max_len,
             user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,
             seed=cfg.train.seed,
+            shuffle_buffer=cfg.train.shuffle_buffer,
+            with_history=cfg.model.use_history,
+            max_steps=cfg.train.max_steps,
         )
     )
     lr = scaled_learning_rate(cfg.train.optimizer, cfg.train.learning_rate, replicas)
@@ -335,8 +439,10 @@ def _model_and_batches(
 
 
 def _sharded(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Auto-shard by DATA, said explicitly: the examples are in memory, not in files, so the
-    default (FILE, then DATA) would only warn before doing the same. Inert on one worker."""
+    """Auto-shard by DATA, said explicitly: the examples are read from one memory-mapped
+    scratch file, not from a list of files, so the default (FILE, then DATA) would only warn
+    before doing the same. Every worker draws the same seeded order and keeps its share of
+    each global batch. Inert on one worker."""
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return ds.with_options(options)

@@ -289,6 +289,32 @@ def test_fit_keeps_the_best_epochs_weights_and_reports_its_metrics(
     assert not all(np.array_equal(a, b) for a, b in zip(kept, weights[-1], strict=True))
 
 
+def test_max_steps_caps_each_epoch_and_progress_goes_to_the_hook(synth_data, monkeypatch):
+    _scripted_validation(monkeypatch, [0.1, 0.2])
+    cfg = _cfg(
+        synth_data,
+        "train.epochs=2",
+        "train.max_steps=5",
+        "train.lr_schedule=cosine",
+        "train.early_stopping.patience=5",
+    )
+    data = prepare(cfg.data, cfg.split)
+    seen: list[tuple[int, dict[str, float]]] = []
+    result = fit(cfg, data.encoded, data.track_artist, on_progress=lambda s, f: seen.append((s, f)))
+    # 5 steps an epoch, for the step count and the cosine schedule alike.
+    assert int(result.model.optimizer.iterations.numpy()) == 10
+    schedule = result.model.optimizer.get_config()["learning_rate"]
+    assert schedule["config"]["decay_steps"] == 10
+    # Every tenth of a 5-step epoch is a step: the hook sees global steps 1..10.
+    assert [step for step, _ in seen] == list(range(1, 11))
+    for step, figures in seen:
+        assert figures["examples_per_sec"] > 0 and np.isfinite(figures["loss"])
+        assert figures["epoch_fraction"] == pytest.approx(((step - 1) % 5 + 1) / 5)
+    assert seen[4][1]["eta_seconds"] == 0.0 < seen[0][1]["eta_seconds"]
+    row = result.history[0]
+    assert row["examples_per_sec"] * row["epoch_seconds"] == pytest.approx(5 * result.batch_size)
+
+
 def test_unknown_early_stopping_metric_is_a_one_line_error(synth_data):
     cfg = _cfg(synth_data, "train.epochs=1", "train.early_stopping.metric=recall_at_30")
     data = prepare(cfg.data, cfg.split)

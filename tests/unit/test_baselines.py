@@ -181,6 +181,18 @@ def test_k_core_matches_loop_reference() -> None:
         assert len(got) > 0
 
 
+def test_k_core_on_codes_matches_strings_and_drops_unused_ids() -> None:
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame(
+        {"user_id": rng.zipf(1.6, 2000).astype(str), "track_id": rng.zipf(1.4, 2000).astype(str)}
+    ).drop_duplicates(ignore_index=True)
+    codes = df.astype({"user_id": "category", "track_id": "category"})
+    got = k_core(codes, 3, 3, unique_pairs=True)
+    expected = _k_core_reference(df, 3, 3)
+    pd.testing.assert_frame_equal(got.astype("str"), expected)
+    assert got["track_id"].cat.categories.tolist() == sorted(set(expected["track_id"]))
+
+
 def test_k_core_iterates_until_stable() -> None:
     # One pass drops track t3 (1 user); that leaves u2 with 1 track, so u2 goes, then t2 too.
     df = pd.DataFrame(
@@ -273,3 +285,134 @@ def test_baseline_cli_exit_2_on_bad_input(tmp_path, monkeypatch) -> None:
     )
     assert bad_fraction.exit_code == 2
     assert "test_fraction" in bad_fraction.stderr
+
+
+# --- popularity in O(users x k), on the model's evaluation sample (issue 9, part 5) ----------
+
+
+def _tied_popularity(seed: int, users: int, items: int) -> tuple[Popularity, sp.csr_matrix]:
+    """Few distinct counts over many tracks (most tied, some zero) and an exclusion matrix
+    with explicit zeros and duplicate entries, which count as excluded like any stored entry."""
+    rng = np.random.default_rng(seed)
+    train = sp.csr_matrix((rng.random((users, items)) < rng.uniform(0.02, 0.3)).astype(np.float32))
+    rows = rng.integers(0, users, size=users * 4)
+    cols = rng.integers(0, items, size=users * 4)
+    exclude = sp.csr_matrix(
+        (rng.integers(0, 2, len(rows)).astype(np.float32), (rows, cols)), shape=(users, items)
+    )
+    exclude.indices[:-1:5] = exclude.indices[1::5]  # duplicates inside rows (not canonical)
+    exclude.has_canonical_format = False
+    return Popularity().fit(train), exclude
+
+
+def test_popularity_top_k_equals_brute_force_on_tied_scores() -> None:
+    from tracktower.features import ranking
+
+    for seed in range(12):
+        model, exclude = _tied_popularity(seed, users=25, items=int(7 + seed * 3))
+        n = exclude.shape[1]
+        heavy = sp.csr_matrix(np.ones((1, n), np.float32))  # a user who has every track
+        rows = np.random.default_rng(seed).integers(0, 25, size=40)  # repeats, any order
+        for k in (1, 5, n - 1, n, n + 3):
+            got = model.top_k(rows, k, exclude)
+            want = ranking.top_k(model.score(rows), k, exclude, rows=rows)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+            assert got[0].dtype == np.int64 and got[1].dtype == np.float32
+            np.testing.assert_array_equal(
+                model.top_k(rows, k)[0], ranking.top_k(model.score(rows), k)[0]
+            )
+            assert (model.top_k(np.array([0]), k, heavy)[0] == -1).all()
+    with pytest.raises(ValueError, match="k must be"):
+        model.top_k(rows, 0, exclude)
+    with pytest.raises(RuntimeError, match="before fit"):
+        Popularity().top_k(rows, 1)
+
+
+def test_popularity_evaluation_never_scores_every_track(monkeypatch) -> None:
+    """The runner ranks popularity by its order (no dense users x tracks block) and gets the
+    metrics the generic, scoring path gets."""
+    from tracktower.training.baselines.runner import RanksDirectly, evaluate_recommender
+
+    model, exclude = _tied_popularity(3, users=60, items=80)
+    truth = _random_binary(60, 80, 0.05, seed=9)
+    assert isinstance(model, RanksDirectly)
+
+    class Scored:  # the same model through Recommender.score only
+        name = "popular"
+        fit, params, score = model.fit, model.params, model.score
+
+    generic = evaluate_recommender(Scored(), truth, None, (10, 20), exclude=exclude)
+
+    def dense(_: np.ndarray) -> np.ndarray:
+        raise AssertionError("Popularity.score called by the evaluation")
+
+    monkeypatch.setattr(model, "score", dense)
+    assert evaluate_recommender(model, truth, None, (10, 20), exclude=exclude) == generic
+
+
+def test_model_and_popularity_are_scored_on_the_same_sample(tmp_path, monkeypatch) -> None:
+    """Over eval.max_pairs, the artifact's test and the popularity baseline of a train run
+    score the same seeded users, and say how many (exact metrics on that sample)."""
+    from builders import write_fake_artifact
+
+    from tracktower.features.dataset import Encoded
+    from tracktower.training import stages
+    from tracktower.training.baselines.runner import evaluate_recommender
+    from tracktower.training.config import EvalConfig
+
+    n_users, n_tracks = 1500, 60
+    path = write_fake_artifact(tmp_path / "artifact", n_users, n_tracks, 8, False)
+    from tracktower.features.artifact import read_arrays, read_manifest
+
+    arrays = read_arrays(path, read_manifest(path))
+    rng = np.random.default_rng(0)
+    known = sp.csr_matrix(
+        (np.ones(len(arrays["seen_indices"]), np.float32), arrays["seen_indices"],
+         arrays["seen_indptr"]), shape=(n_users, n_tracks),
+    )  # fmt: skip
+    test = sp.csr_matrix((rng.random((n_users, n_tracks)) < 0.03).astype(np.float32))
+    test = sp.csr_matrix(test - test.multiply(known))
+    empty = sp.csr_matrix((n_users, n_tracks), dtype=np.float32)
+    encoded = Encoded(
+        user_ids=arrays["user_ids"], track_ids=arrays["track_ids"], train=known, val=empty,
+        test=test, val_unknown=np.zeros(n_users, np.int64),
+        test_unknown=rng.integers(0, 2, n_users),
+    )  # fmt: skip
+    held = stages.heldout(encoded)
+    cfg = EvalConfig(max_pairs=1200 * n_tracks, bootstrap=200, seed=11)
+    searched: list[np.ndarray] = []
+    search = stages.search_index
+    monkeypatch.setattr(stages, "search_index", lambda *a: searched.append(a[-1]) or search(*a))
+    model = stages.evaluate_artifact(path, encoded, held, [10, 20], sampling=cfg)
+    ranked: list[np.ndarray] = []
+
+    class Recorded(Popularity):
+        def top_k(self, user_rows, k, exclude=None):
+            ranked.append(np.asarray(user_rows))
+            return super().top_k(user_rows, k, exclude)
+
+    popular = evaluate_recommender(
+        Recorded().fit(known), held.truth, held.unknown, [10, 20], exclude=held.exclude,
+        sampling=cfg,
+    )  # fmt: skip
+    assert len(searched) == 1 and len(ranked) == 1
+    np.testing.assert_array_equal(searched[0], ranked[0])
+    for metrics in (model, popular):
+        assert metrics["eval_users"] == 1200 and metrics["eval_sampled"] == 1.0
+        for name in ("recall_at_20", "ndcg_at_10"):
+            assert metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"]
+    # Exact on the sample: the artifact's exact index ranks what brute force ranks.
+    from tracktower.features.ranking import top_k
+    from tracktower.training.metrics import ranking_metrics
+
+    users = searched[0]
+    scores = arrays["user_embeddings"][users] @ arrays["track_embeddings"].T
+    top, _ = top_k(scores, 20, held.exclude, rows=users)
+    want = ranking_metrics(top, test[users], encoded.test_unknown[users], [10, 20])
+    assert {k: model[k] for k in want} == pytest.approx(want)
+    # Under the budget (or its default: the manifest's config, here none) all users count.
+    everyone = stages.evaluate_artifact(path, encoded, held, [10, 20])
+    assert everyone["eval_sampled"] == 0.0 and everyone["eval_users"] == len(
+        np.flatnonzero(np.diff(test.indptr) + encoded.test_unknown > 0)
+    )

@@ -33,6 +33,19 @@ def test_synth_then_validate(tmp_path: Path) -> None:
     assert "120 tracks" in result.stdout
 
 
+def test_synth_preset_writes_shards_that_validate(tmp_path: Path) -> None:
+    out = tmp_path / "mpd"
+    args = ["synth", "--preset", "mpd", "--users", "120", "--tracks", "400", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "1 shards" in result.stdout and "120 users" in result.stdout
+    result = runner.invoke(app, ["validate", str(out / "interactions")])
+    assert result.exit_code == 0, result.output
+    assert "users        120" in result.stdout
+    result = runner.invoke(app, ["synth", "--preset", "nope", "--out", str(out)])
+    assert result.exit_code == 2 and "unknown preset 'nope'" in result.output
+
+
 def test_validate_with_column_options(tmp_path: Path) -> None:
     path = tmp_path / "log.csv"
     path.write_text("listener,song\nu,a\nv,a\n")

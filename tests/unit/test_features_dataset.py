@@ -73,3 +73,38 @@ def test_fingerprint_is_order_independent_and_content_sensitive(
     assert dataset.fingerprint(tiny_interactions.drop(columns="timestamp")) != fp
     renamed = tiny_interactions.replace({"track_id": {"t1": "t1 "}})
     assert dataset.fingerprint(renamed) != fp
+
+
+def test_fingerprint_is_a_function_of_the_rows_not_of_how_ids_are_held(
+    tiny_interactions: pd.DataFrame,
+) -> None:
+    fp = dataset.fingerprint(tiny_interactions)
+    as_codes = tiny_interactions.astype({"user_id": "category", "track_id": "category"})
+    assert dataset.fingerprint(as_codes) == fp
+    # ids no row holds any more (left behind by a filter) are not part of the data
+    wider = as_codes.astype(
+        {"track_id": pd.CategoricalDtype([*as_codes["track_id"].cat.categories, "zzz", "0"])}
+    )
+    assert dataset.fingerprint(wider) == fp
+    other_ids = as_codes.assign(
+        track_id=as_codes["track_id"].cat.rename_categories(lambda c: c + "!")
+    )
+    assert dataset.fingerprint(other_ids) != fp
+
+
+def test_encode_labelled_matches_encode_of_the_frames(parts: Split) -> None:
+    from tracktower.features.split import TEST, TRAIN, VAL, partition
+
+    frames = [parts.train, parts.val, parts.test]
+    whole = pd.concat(frames, ignore_index=True).astype(
+        {"user_id": "category", "track_id": "category"}
+    )
+    labels = np.repeat(np.array([TRAIN, VAL, TEST], np.int8), [len(f) for f in frames])
+    a, b = dataset.encode(parts), dataset.encode_labelled(whole, labels)
+    assert a.user_ids.tolist() == b.user_ids.tolist() == ["a", "b"]
+    assert a.track_ids.tolist() == b.track_ids.tolist()
+    for name in ("train", "val", "test"):
+        assert (getattr(a, name) != getattr(b, name)).nnz == 0
+    assert a.val_unknown.tolist() == b.val_unknown.tolist()
+    assert a.test_unknown.tolist() == b.test_unknown.tolist()
+    assert dataset.encode(partition(whole, labels)).track_ids.tolist() == a.track_ids.tolist()

@@ -378,3 +378,61 @@ def test_non_utf8_binary_track_metadata_names_the_row(tmp_path: Path) -> None:
     columns: dict[str, list[Any]] = {"track_id": ["a", "b", "c"], "title": [b"A", None, b"\xc3("]}
     path = _binary_parquet(tmp_path / "t.parquet", columns, "title")
     _raises(path, lambda: io.read_tracks(path), column="title", row=2)
+
+
+# --- ids as codes ------------------------------------------------------------------------------
+
+
+def test_ids_are_categoricals_over_a_sorted_vocabulary(tmp_path: Path) -> None:
+    """Each distinct id is one string; rows hold codes whose order is the ids' string order."""
+    raw = pd.DataFrame({"user_id": [3.0, 1.0, 3.0], "track_id": ["z", "a", "b"]})
+    df = io.read_interactions(_parquet(tmp_path / "x.parquet", raw))
+    assert isinstance(df["user_id"].dtype, pd.CategoricalDtype)
+    assert df["user_id"].cat.categories.tolist() == ["1", "3"]  # float ids lose ".0"
+    assert df["track_id"].cat.categories.tolist() == ["a", "b", "z"]
+    assert df["user_id"].tolist() == ["3", "1", "3"] and df["track_id"].tolist() == ["z", "a", "b"]
+
+
+def test_shards_read_as_the_file_they_were_cut_from(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    whole = pd.DataFrame(
+        {
+            "user_id": [f"u{i}" for i in rng.integers(0, 50, 600)],
+            "track_id": [f"t{i}" for i in rng.integers(0, 80, 600)],
+            "weight": rng.integers(1, 5, 600).astype(float),
+            "timestamp": rng.integers(0, 1000, 600),
+        }
+    )
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k, start in enumerate(range(0, 600, 150)):
+        _parquet(shards / f"part-{k:05d}.parquet", whole.iloc[start : start + 150])
+    one = io.read_interactions(_parquet(tmp_path / "whole.parquet", whole))
+    many = io.read_interactions(shards)
+    assert len(one) < len(whole)  # duplicates across shards were merged
+    pd.testing.assert_frame_equal(many, one)
+    assert fingerprint(many) == fingerprint(one)
+
+
+def test_first_bad_id_in_row_order_is_reported(tmp_path: Path) -> None:
+    frame = pd.DataFrame({"user_id": ["u", "v", "u", " ", "", "v"], "track_id": list("abcdef")})
+    path = _parquet(tmp_path / "x.parquet", frame)
+    err = _raises(path, lambda: io.read_interactions(path), column="user_id", row=3)
+    assert "empty id ' '" in str(err)
+
+
+def test_timestamp_in_some_shards_only(tmp_path: Path) -> None:
+    _parquet(tmp_path / "a.parquet", pd.DataFrame({"user_id": ["u"], "track_id": ["a"]}))
+    frame = pd.DataFrame({"user_id": ["v"], "track_id": ["b"], "timestamp": [3]})
+    _parquet(tmp_path / "b.parquet", frame)
+    err = _raises(tmp_path / "a.parquet", lambda: io.read_interactions(tmp_path))
+    assert "b.parquet" in str(err)
+
+
+def test_tracks_are_checked_against_the_vocabulary(tmp_path: Path) -> None:
+    inter = io.read_interactions(
+        _parquet(tmp_path / "i.parquet", pd.DataFrame({"user_id": ["u"], "track_id": ["a"]}))
+    )
+    tracks = _parquet(tmp_path / "t.parquet", pd.DataFrame({"track_id": ["a", "q"]}))
+    assert io.read_tracks(tracks, inter)["track_id"].tolist() == ["a", "q"]
+    assert io.vocabulary(inter["track_id"]).tolist() == ["a"]

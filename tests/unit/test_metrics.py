@@ -110,3 +110,112 @@ def test_coverage_ignores_padding() -> None:
     assert coverage(top, n_items=4, k=2) == pytest.approx(3 / 4)
     assert coverage(top, n_items=4, k=3) == pytest.approx(3 / 4)
     assert coverage(top, n_items=0) == 0.0
+
+
+# --- per-user metrics, bootstrap intervals, the evaluation sample (issue 9, part 5) ---------
+
+
+def test_per_user_metrics_are_what_ranking_metrics_averages() -> None:
+    from tracktower.training.metrics import per_user_metrics
+
+    # The hand-computed example above: users 0 and 1 are averaged, user 2 (nothing held) is not.
+    truth = sp.csr_matrix(
+        np.array([[0, 1, 0, 1, 0], [2, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=np.float32)
+    )
+    unknown = np.array([0, 1, 0])
+    top = np.full((3, 10), -1)
+    top[:, :3] = [[3, 2, 1], [2, 0, -1], [0, 1, 2]]
+    per_user = per_user_metrics(top, truth, unknown, (1, 3))
+    ideal2 = 1 + 1 / math.log2(3)
+    np.testing.assert_allclose(per_user["recall_at_1"], [1, 0])  # hits / min(1, |H_u|)
+    np.testing.assert_allclose(per_user["recall_at_3"], [2 / 2, 1 / 2])
+    np.testing.assert_allclose(
+        per_user["ndcg_at_10"], [(1 + 1 / math.log2(4)) / ideal2, (1 / math.log2(3)) / ideal2]
+    )
+    np.testing.assert_array_equal(per_user["hit_rate_at_10"], [1.0, 1.0])
+    means = ranking_metrics(top, truth, unknown, (1, 3))
+    assert {k: v for k, v in means.items() if k in per_user} == {
+        k: float(np.mean(v)) for k, v in per_user.items()
+    }
+    assert per_user_metrics(top, sp.csr_matrix((3, 5), dtype=np.float32), ks=(1,)) == {}
+
+
+def _random_case(seed: int, n_users: int = 300) -> tuple[np.ndarray, sp.csr_matrix]:
+    rng = np.random.default_rng(seed)
+    truth = sp.csr_matrix(sp.random(n_users, 100, density=0.05, format="csr", random_state=rng))
+    top = np.stack([rng.permutation(100)[:20] for _ in range(n_users)])
+    return top, truth
+
+
+def test_bootstrap_interval_contains_the_mean_and_is_seeded() -> None:
+    top, truth = _random_case(1)
+    m = ranking_metrics(top, truth, None, (10, 20), bootstrap=500, seed=7)
+    for name in ("recall_at_20", "ndcg_at_10"):
+        assert m[f"{name}_ci_low"] < m[name] < m[f"{name}_ci_high"]
+    assert "recall_at_10_ci_low" not in m and "hit_rate_at_10_ci_low" not in m
+    again = ranking_metrics(top, truth, None, (10, 20), bootstrap=500, seed=7)
+    assert again == m
+    other = ranking_metrics(top, truth, None, (10, 20), bootstrap=500, seed=8)
+    assert other["recall_at_20_ci_low"] != m["recall_at_20_ci_low"]
+    assert other["recall_at_20"] == m["recall_at_20"]  # only the interval is random
+    assert "recall_at_20_ci_low" not in ranking_metrics(top, truth, None, (10, 20))
+
+
+def test_bootstrap_known_cases() -> None:
+    from tracktower.training.metrics import bootstrap_intervals
+
+    # Every user alike: every resample has the same mean.
+    same = bootstrap_intervals({"recall_at_20": np.full(50, 0.25)}, 200, seed=0)
+    assert same == {"recall_at_20_ci_low": 0.25, "recall_at_20_ci_high": 0.25}
+    # Half the users hit: the 95% interval of a proportion, +-1.96 sqrt(p(1-p)/n) = +-0.031.
+    half = np.tile([0.0, 1.0], 500)
+    ci = bootstrap_intervals({"ndcg_at_10": half, "other": half}, 2000, seed=3)
+    assert set(ci) == {"ndcg_at_10_ci_low", "ndcg_at_10_ci_high"}
+    assert ci["ndcg_at_10_ci_low"] == pytest.approx(0.5 - 0.031, abs=0.006)
+    assert ci["ndcg_at_10_ci_high"] == pytest.approx(0.5 + 0.031, abs=0.006)
+    assert bootstrap_intervals({"recall_at_20": half}, 0, seed=0) == {}
+    assert bootstrap_intervals({}, 100, seed=0) == {}
+
+
+def test_bootstrap_resamples_in_chunks_and_skips_above_its_budget(monkeypatch) -> None:
+    from tracktower.training import metrics
+    from tracktower.training.metrics import bootstrap_intervals
+
+    values = {"recall_at_20": np.random.default_rng(0).random(100)}
+    whole = bootstrap_intervals(values, 300, seed=5)
+    monkeypatch.setattr(metrics, "_DRAWS_PER_CHUNK", 250)  # 2 resamples per chunk
+    assert bootstrap_intervals(values, 300, seed=5) == pytest.approx(whole)
+    monkeypatch.setattr(metrics, "BOOTSTRAP_DRAWS", 100 * 300 - 1)
+    assert bootstrap_intervals(values, 300, seed=5) == {}
+
+
+class _Budget:
+    def __init__(self, max_pairs: int, seed: int = 0, bootstrap: int = 0) -> None:
+        self.max_pairs, self.seed, self.bootstrap = max_pairs, seed, bootstrap
+
+
+def test_sampling_rule() -> None:
+    from tracktower.training.config import EvalConfig
+    from tracktower.training.metrics import sample_users
+
+    users = np.arange(0, 20_000, 2)  # 10,000 users
+    # At or below the budget (or with no budget at all): every user, not a sample.
+    for budget in (None, _Budget(10_000 * 50), EvalConfig(max_pairs=10**12)):
+        whole = sample_users(users, 50, budget)
+        np.testing.assert_array_equal(whole.users, users)
+        assert not whole.sampled and whole.as_metrics() == {"eval_users": 1e4, "eval_sampled": 0}
+    # Above it: max_pairs // tracks users, seeded, sorted, a subset.
+    sample = sample_users(users, 50, _Budget(10_000 * 50 - 1))
+    assert len(sample.users) == 9_999 and sample.sampled and sample.population == 10_000
+    sample = sample_users(users, 100, EvalConfig(max_pairs=300_000, seed=4))
+    assert len(sample.users) == 3_000 and sample.as_metrics()["eval_sampled"] == 1.0
+    assert np.all(np.diff(sample.users) > 0) and np.isin(sample.users, users).all()
+    again = sample_users(users.copy(), 100, EvalConfig(max_pairs=300_000, seed=4))
+    np.testing.assert_array_equal(again.users, sample.users)
+    other = sample_users(users, 100, EvalConfig(max_pairs=300_000, seed=5))
+    assert not np.array_equal(other.users, sample.users)
+    # Never under MIN_SAMPLE_USERS (when there are that many), never more than there are.
+    assert len(sample_users(users, 10**6, _Budget(1)).users) == 1000
+    assert len(sample_users(users, 10**6, _Budget(1), min_users=20_000).users) == 10_000
+    assert len(sample_users(users[:10], 10**6, _Budget(1)).users) == 10
+    assert len(sample_users(np.array([], np.int64), 5, _Budget(1)).users) == 0

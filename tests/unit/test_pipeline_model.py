@@ -18,9 +18,26 @@ def test_examples_weighting_and_log_q():
     raw = pipeline.make_examples(x, "raw")
     assert np.isclose(raw.weight.mean(), 1.0)
     assert raw.weight.max() > pipeline.make_examples(x, "log1p").weight.max()
-    # track 2 appears twice among 4 examples: q = 0.5
-    assert np.isclose(np.exp(none.log_q[none.track == 3]), 0.5).all()
+    # track 2 appears twice among 4 examples: q = 0.5 (a per-track table, row 0 for OOV)
+    assert np.isclose(np.exp(none.track_log_q[3]), 0.5)
     assert none.user.min() == 1 and none.track.min() == 1  # 0 is reserved for OOV
+    w = {(u, t): wt for u, t, wt in zip(raw.user, raw.track, raw.weight, strict=True)}
+    assert np.isclose(w[(1, 3)] / w[(2, 2)], 9 / 4)  # each weight stays with its own row
+
+
+def test_examples_are_written_once_in_a_seeded_random_order():
+    x = clustered_matrix()
+    coo = x.tocoo()
+    expected = sorted(zip(coo.row + 1, coo.col + 1, strict=True))
+    first = pipeline.make_examples(x, "none", seed=1)
+    assert isinstance(first.rows, np.memmap)
+    assert sorted(zip(first.user, first.track, strict=True)) == expected
+    again = pipeline.make_examples(x, "none", seed=1).rows
+    other = pipeline.make_examples(x, "none", seed=2).rows
+    np.testing.assert_array_equal(first.rows, again)
+    assert not np.array_equal(first.rows, other)
+    assert not np.array_equal(first.user, np.sort(first.user))  # not in matrix order
+    assert len(pipeline.make_examples(sp.csr_matrix((3, 4)), "none")) == 0
 
 
 def test_history_rows_cap_heavy_users_with_a_seeded_random_subset():
@@ -168,3 +185,92 @@ def test_dataset_knows_its_steps_per_epoch_for_the_lr_schedule():
             seed=0,
         )
         assert int(ds.cardinality()) == steps == sum(1 for _ in ds)
+
+
+def _epoch(ds) -> list[tuple[int, int]]:
+    return [
+        (int(u), int(t))
+        for batch in ds
+        for u, t in zip(batch["user"].numpy(), batch["track"].numpy(), strict=True)
+    ]
+
+
+def test_each_epoch_sees_every_example_once_in_a_new_order_through_a_small_buffer():
+    x = clustered_matrix()  # 1440 examples = 45 batches of 32
+    ex = pipeline.make_examples(x, "none", seed=0)
+    ds = pipeline.training_dataset(
+        ex,
+        x,
+        batch_size=32,
+        history_max_len=5,
+        user_id_dropout=0.0,
+        seed=0,
+        shuffle_buffer=100,  # groups of 100 examples: 15 groups, the last one partial
+        with_history=False,
+    )
+    assert int(ds.cardinality()) == 45
+    one, two = _epoch(ds), _epoch(ds)
+    everything = sorted(zip(ex.user.tolist(), ex.track.tolist(), strict=True))
+    assert sorted(one) == sorted(two) == everything
+    assert one != two
+    first = next(iter(ds))
+    assert "history" not in first  # built only when the model reads it
+    share = np.bincount(x.indices, minlength=x.shape[1]) / x.nnz
+    np.testing.assert_allclose(
+        np.exp(first["log_q"].numpy()), share[first["track"].numpy() - 1], rtol=1e-5
+    )
+
+
+def test_max_steps_caps_each_epoch_and_the_steps_follow_the_cap():
+    x = clustered_matrix()
+    ex = pipeline.make_examples(x, "none")
+    assert pipeline.steps_per_epoch(len(ex), 32) == 45
+    assert pipeline.steps_per_epoch(len(ex), 32, max_steps=7) == 7
+    assert pipeline.steps_per_epoch(len(ex), 32, max_steps=100) == 45
+    assert pipeline.steps_per_epoch(10, 32) == 1
+    ds = pipeline.training_dataset(
+        ex, x, batch_size=32, history_max_len=5, user_id_dropout=0.0, seed=0, max_steps=7
+    )
+    assert int(ds.cardinality()) == 7 == sum(1 for _ in ds)
+    assert _epoch(ds)[:32] != _epoch(ds)[:32]  # a new window of the data each epoch
+
+
+def test_history_table_is_bounded_and_row_zero_is_the_unknown_user():
+    x = clustered_matrix(per_user=12)
+    table = pipeline.history_table(x, 6, seed=0)
+    assert table.shape == (x.shape[0] + 1, 6) and not table[0].any()
+    for user in (1, 50, 120):
+        assert set(table[user]) <= set(x[user - 1].indices + 1) and (table[user] > 0).all()
+    light = pipeline.history_table(x, 100, seed=0)
+    assert light.shape == (x.shape[0] + 1, 12)  # as wide as the longest history, no wider
+
+
+def test_lazy_adam_is_an_optimizer_choice_scaled_like_adam():
+    from tracktower.training.config import TrainConfig
+    from tracktower.training.optimizers import LazyAdam
+    from tracktower.training.strategy import scaled_learning_rate
+    from tracktower.training.train import _optimizer
+
+    cfg = TrainConfig().model_copy(update={"optimizer": "lazy_adam"})
+    assert isinstance(_optimizer(cfg, 10, 0.01), LazyAdam)
+    assert scaled_learning_rate("lazy_adam", 0.01, 4) == scaled_learning_rate("adam", 0.01, 4)
+
+
+def test_the_scratch_file_lives_as_long_as_its_dataset():
+    """TensorFlow keeps a numpy_function for the life of the process: the examples' memory map
+    (and with it the scratch file's disk space) must not be kept with it."""
+    import gc
+    import weakref
+
+    x = clustered_matrix()
+    ex = pipeline.make_examples(x, "none")
+    rows = weakref.ref(ex.rows)
+    ds = pipeline.training_dataset(
+        ex, x, batch_size=32, history_max_len=5, user_id_dropout=0.0, seed=0
+    )
+    del ex
+    gc.collect()
+    assert rows() is not None and sum(1 for _ in ds) == 45  # the dataset alone holds them
+    del ds
+    gc.collect()
+    assert rows() is None

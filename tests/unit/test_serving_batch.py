@@ -327,3 +327,94 @@ def test_local_cores(master: str, cores: int | None) -> None:
     from tracktower.serving.spark import local_cores
 
     assert local_cores(master) == cores
+
+
+# --- all users, parallel chunks, progress (issue 9, part 5) ----------------------------------
+
+
+def test_parallel_chunks_write_what_one_thread_writes(artifact: Path, tmp_path: Path) -> None:
+    users_file = tmp_path / "users.txt"
+    users = [user_id(i) for i in range(49, -1, -1)] + ["stranger"]
+    users_file.write_text("\n".join(users))
+    one = tmp_path / "one.parquet"
+    many = tmp_path / "many.parquet"
+    rows = recommend_to_parquet(artifact, users_file, 4, one, chunk_size=3)
+    assert recommend_to_parquet(artifact, users_file, 4, many, chunk_size=3, workers=3) == rows
+    pd.testing.assert_frame_equal(pd.read_parquet(one), pd.read_parquet(many))
+    assert pd.read_parquet(many)["user_id"].drop_duplicates().tolist() == users
+
+
+def test_all_users_are_the_models_users_in_its_order(artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "all.parquet"
+    assert recommend_to_parquet(artifact, None, 2, out, chunk_size=7, workers=2) == 100
+    recs = pd.read_parquet(out)
+    assert recs["user_id"].drop_duplicates().tolist() == ARRAYS["user_ids"].tolist()
+    assert set(recs["source"]) == {"model"}
+
+
+def test_progress_bar_counts_users_on_stderr(artifact: Path, tmp_path: Path, capsys) -> None:
+    recommend_to_parquet(artifact, None, 2, tmp_path / "a.parquet", chunk_size=10, progress=True)
+    err = capsys.readouterr().err
+    assert "recommend" in err and "50/50" in err and "user/s" in err
+    recommend_to_parquet(artifact, None, 2, tmp_path / "b.parquet", chunk_size=10)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failing_chunk_fails_the_job_and_leaves_no_file(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tracktower.serving.artifact import Recommender
+
+    calls = []
+    real = Recommender.top_k_batch
+
+    def flaky(self, user_ids, k):  # type: ignore[no-untyped-def]
+        calls.append(len(user_ids))
+        if len(calls) == 3:
+            raise DataError("chunk three failed")
+        return real(self, user_ids, k)
+
+    monkeypatch.setattr(Recommender, "top_k_batch", flaky)
+    out = tmp_path / "recs.parquet"
+    with pytest.raises(DataError, match="chunk three failed"):
+        recommend_to_parquet(artifact, None, 2, out, chunk_size=2, workers=2)
+    assert len(calls) < 25  # queued chunks were cancelled, not all 25 searched
+    assert not out.exists() and not list(tmp_path.glob("*.partial*"))
+    with pytest.raises(DataError, match="chunk_size and workers must be >= 1"):
+        recommend_to_parquet(artifact, None, 2, out, workers=0)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ([], "either --users FILE or --all-users"),
+        (["--all-users", "--users", "u.txt"], "either --users FILE or --all-users"),
+        (["--all-users", "--engine", "spark"], "apply to --engine local only"),
+        (["--users", "u.txt", "--engine", "spark", "--workers", "2"], "--engine local only"),
+    ],
+)
+def test_recommend_command_user_options(
+    artifact: Path, tmp_path: Path, args: list[str], match: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from tracktower.serving.cli import app
+
+    out = tmp_path / "o.parquet"
+    base = ["recommend", "--model", str(artifact), "--output", str(out)]
+    result = CliRunner().invoke(app, [*base, *args])
+    assert result.exit_code != 0 and match in result.stderr
+    assert not out.exists()
+
+
+def test_recommend_command_all_users(artifact: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tracktower.serving.cli import app
+
+    out = tmp_path / "o.parquet"
+    args = ["recommend", "--model", str(artifact), "--all-users", "--k", "3", "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--workers", "2", "--chunk-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 150 rows" in result.stdout and "50/50" in result.stderr
+    assert pd.read_parquet(out)["user_id"].nunique() == 50

@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from tracktower.features import dataset, io, ranking, split, synth
+from tracktower.features.errors import DataError
 from tracktower.training.metrics import ranking_metrics
 
 Generated = tuple[pd.DataFrame, pd.DataFrame, float]
@@ -101,3 +102,50 @@ def test_cluster_signal_beats_popularity(
 def test_rejects_impossible_sizes() -> None:
     with pytest.raises(ValueError, match="tracks"):
         synth.generate(users=10, tracks=1)
+
+
+def test_sharded_writer_is_seeded_readable_and_structured(tmp_path: Path) -> None:
+    kwargs = {"users": 900, "tracks": 2000, "seed": 4, "chunk_users": 400}
+    done = synth.write_sharded(tmp_path / "a", **kwargs)
+    again = synth.write_sharded(tmp_path / "b", **kwargs)
+    shards = sorted(p.name for p in done.interactions.iterdir())
+    assert shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert done.shards == 3 and done.users == 900 and done.catalogue == 2000
+    read = io.read_interactions(done.interactions)
+    assert len(read) == done.rows  # each user's repeats merged in its own shard: nothing left
+    assert read["user_id"].nunique() == 900 and read["track_id"].nunique() == done.tracks_heard
+    assert dataset.fingerprint(read) == dataset.fingerprint(
+        io.read_interactions(again.interactions)
+    )
+    tracks = io.read_tracks(done.tracks, read)
+    assert len(tracks) == 2000 and {"artist", "genre"} <= set(tracks.columns)
+    per_user = read.groupby("user_id", observed=True).size()
+    assert per_user.min() >= 1 and per_user.max() > 4 * per_user.median()
+    genre = read["track_id"].map(tracks.set_index("track_id")["genre"]).astype("str")
+    counts = read.assign(genre=genre).groupby(["user_id", "genre"], observed=True).size()
+    top2 = counts.sort_values(ascending=False).groupby(level=0).head(2).groupby(level=0).sum()
+    assert (top2 / per_user).mean() > 0.8  # the generator's taste clusters, as in generate()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["interactions", "tracks.parquet"]
+
+
+def test_sharded_writer_replaces_output_and_clears_dead_staging(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    stale = tmp_path / f".synth-{dead}-00000000.partial" / "interactions"
+    stale.mkdir(parents=True)
+    synth.write_sharded(tmp_path, users=50, tracks=100, seed=1)
+    first = io.read_interactions(tmp_path / "interactions")
+    assert not stale.parent.exists()
+    synth.write_sharded(tmp_path, users=60, tracks=100, seed=1)
+    assert io.read_interactions(tmp_path / "interactions")["user_id"].nunique() == 60
+    assert len(first["user_id"].cat.categories) == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["interactions", "tracks.parquet"]
+    with pytest.raises(DataError):
+        synth.write_sharded(tmp_path / "tracks.parquet", users=5, tracks=10)

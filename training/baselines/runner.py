@@ -3,8 +3,11 @@
 Scores come from the baseline, but the top-k is ``features.ranking``'s (same row blocks, same
 tie-break) and the metrics are ``training.metrics.ranking_metrics``: the same code the two-tower
 evaluation and the server use, so a baseline can never look better (or worse) because of its own
-ranking. What the lists may not contain is passed in explicitly, and defaults to what the
-two-tower test excludes (``Encoded.known``).
+ranking. The one exception, a baseline that ranks without scoring every track
+(:class:`RanksDirectly`, the popularity baseline at catalogue scale), must return exactly the
+lists ``ranking.top_k`` would, which its unit test checks against brute force. What the lists
+may not contain is passed in explicitly, and defaults to what the two-tower test excludes
+(``Encoded.known``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,7 +28,13 @@ import scipy.sparse as sp
 from tracktower.features import ranking
 from tracktower.features.errors import DataError
 from tracktower.training.baselines import Recommender, make_recommender
-from tracktower.training.metrics import DEFAULT_KS, ranking_metrics, users_with_heldout
+from tracktower.training.metrics import (
+    DEFAULT_KS,
+    Sampling,
+    ranking_metrics,
+    sample_users,
+    users_with_heldout,
+)
 
 if TYPE_CHECKING:
     from tracktower.training.data import Prepared
@@ -36,6 +45,7 @@ __all__ = [
     "QUICK_GRIDS",
     "BaselineResults",
     "GridResult",
+    "RanksDirectly",
     "evaluate_recommender",
     "run_baseline",
     "run_name_for",
@@ -74,6 +84,21 @@ QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+@runtime_checkable
+class RanksDirectly(Protocol):
+    """A baseline whose lists need not score every track (``Popularity``): ``top_k`` returns
+    exactly what ``ranking.top_k(score(user_rows), k, exclude, rows=user_rows)`` would, and the
+    runner then uses it instead of :meth:`Recommender.score`."""
+
+    def top_k(
+        self, user_rows: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# Users ranked at once through RanksDirectly.top_k: bounds its [users, k] and exclusion arrays.
+DIRECT_BLOCK = 1 << 16
+
+
 def evaluate_recommender(
     model: Recommender,
     truth: sp.csr_matrix,
@@ -82,6 +107,7 @@ def evaluate_recommender(
     *,
     exclude: sp.csr_matrix,
     users: np.ndarray | None = None,
+    sampling: Sampling | None = None,
 ) -> dict[str, float]:
     """Un-prefixed ranking metrics of a fitted baseline against ``truth`` (users x tracks).
 
@@ -89,27 +115,49 @@ def evaluate_recommender(
     parameter, not read off the data, so that every system in one comparison is scored against
     the same set (``Encoded.known``). ``users`` defaults to those with held-out tracks.
     Scores are produced in row blocks (``ranking.top_k_chunks``), so memory stays bounded
-    whatever the number of users.
+    whatever the number of users; a :class:`RanksDirectly` baseline ranks without scores.
+    ``sampling`` (``EvalConfig``): above its pair budget the users are
+    ``metrics.sample_users``' seeded sample, the two-tower test's own, and the result adds
+    ``eval_users``, ``eval_sampled`` and bootstrap intervals (``metrics.ranking_metrics``).
     """
     truth = sp.csr_matrix(truth)
     if exclude.shape != truth.shape:
         raise ValueError(f"exclude has shape {exclude.shape} but truth has {truth.shape}")
     if users is None:
         users = users_with_heldout(truth, unknown)
-    users = np.asarray(users, dtype=np.int64)
+    n_items = truth.shape[1]
+    sample = sample_users(users, n_items, sampling)
+    users = sample.users
     if len(users) == 0:
         return {}
-    n_items = truth.shape[1]
-    blocks = ranking.top_k_chunks(
-        lambda block: model.score(users[block]), len(users), n_items, max(ks), exclude, rows=users
-    )
-    return ranking_metrics(
-        np.concatenate([idx for idx, _ in blocks]),
+    metrics = ranking_metrics(
+        _top_lists(model, users, n_items, max(ks), exclude),
         truth[users],
         np.asarray(unknown)[users] if unknown is not None else None,
         list(ks),
         n_items=n_items,
+        bootstrap=sampling.bootstrap if sampling is not None else 0,
+        seed=sampling.seed if sampling is not None else 0,
     )
+    if sampling is not None:
+        metrics.update(sample.as_metrics())
+    return metrics
+
+
+def _top_lists(
+    model: Recommender, users: np.ndarray, n_items: int, k: int, exclude: sp.csr_matrix
+) -> np.ndarray:
+    """int64 [len(users), k]: each user's top ``k``, ``exclude`` rows removed."""
+    if isinstance(model, RanksDirectly):
+        blocks = [
+            model.top_k(users[start : start + DIRECT_BLOCK], k, exclude)[0]
+            for start in range(0, len(users), DIRECT_BLOCK)
+        ]
+        return np.concatenate(blocks)
+    scored = ranking.top_k_chunks(
+        lambda block: model.score(users[block]), len(users), n_items, k, exclude, rows=users
+    )
+    return np.concatenate([idx for idx, _ in scored])
 
 
 @dataclass
