@@ -7,6 +7,7 @@ with one OOV index produces, so the exported model can put the lookup in front o
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -151,6 +152,24 @@ class CandidateTower(tf.keras.Model):
         return x
 
 
+# TFRS takes log(clip(q, 1e-6, 1)) of the candidate sampling probabilities it is given.
+_TFRS_MIN_Q = 1e-6
+
+
+def sampling_probability(log_q: tf.Tensor) -> tf.Tensor:
+    """``exp(log_q)`` times one constant that lifts the smallest to TFRS's floor of 1e-6.
+
+    TFRS clips the probabilities at 1e-6 before subtracting their log. At catalogue scale that
+    would flatten the correction: a uniform negative among 2.26M tracks has q = 4.4e-7, and most
+    tracks' in-batch q is below one in a million. Multiplying every candidate's q by the same
+    factor adds the same constant to every logit of a row, which the softmax ignores, so the
+    loss is that of the exact correction as long as the largest q stays within a factor 10^6
+    of the smallest (beyond that the largest are clipped at 1, as before).
+    """
+    lift = tf.maximum(math.log(_TFRS_MIN_Q) - tf.reduce_min(log_q), 0.0)
+    return tf.exp(log_q + lift)
+
+
 class TwoTowerModel(tfrs.Model):
     """Sampled softmax retrieval (in-batch negatives, optionally mixed with uniform ones) through
     ``tfrs.tasks.Retrieval``, or an exact softmax over the whole catalogue when it is small.
@@ -234,9 +253,9 @@ class TwoTowerModel(tfrs.Model):
             query,
             self.candidate_tower(ids, training=training),
             sample_weight=features["weight"],
-            # The task subtracts log(clip(q, 1e-6, 1)): identical to subtracting log_q as long as
-            # no track is sampled with probability below one in a million.
-            candidate_sampling_probability=tf.exp(log_q) if self.cfg.logq_correction else None,
+            candidate_sampling_probability=(
+                sampling_probability(log_q) if self.cfg.logq_correction else None
+            ),
             candidate_ids=ids if self.cfg.remove_accidental_hits else None,
             compute_metrics=False,
             compute_batch_metrics=False,

@@ -282,8 +282,12 @@ def log_dataset_input(
         # Local paths match two equivalent source types; MLflow warns and picks one. Harmless.
         warnings.filterwarnings("ignore", message="The specified dataset source can be")
         resolved = resolve_dataset_source(source)
+        # The sample's int64 timestamp column draws a hint about missing values in integer
+        # columns: meant for model signatures, not for a record of the data.
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        schema = _infer_schema(sample)
     dataset = MetaDataset(  # type: ignore[abstract]  # concrete at runtime (profile: None)
-        resolved, name=name, digest=fingerprint[:36], schema=_infer_schema(sample)
+        resolved, name=name, digest=fingerprint[:36], schema=schema
     )
     mlflow.log_input(dataset, context=context, tags={"fingerprint": fingerprint})
     users, tracks = (len(vocabulary(df[c])) if c in df else 0 for c in ("user_id", "track_id"))

@@ -130,6 +130,38 @@ def test_mixed_negatives_loss_is_the_sampled_softmax_written_out(monkeypatch):
     assert np.isclose(loss, expected, rtol=1e-4), (loss, expected)
 
 
+def test_log_q_correction_is_exact_below_tfrs_probability_floor():
+    """A catalogue-scale q (below TFRS's 1e-6 clip) must still be corrected exactly."""
+    cfg = ModelConfig(
+        embedding_dim=4,
+        use_user_id=False,
+        query_layers=[],
+        temperature=0.1,
+        uniform_negatives=0,
+        negatives="in_batch",
+        track_bias=False,
+        use_artist=False,
+    )
+    model = TwoTowerModel(cfg, 5, 10)
+    track = np.array([1, 3, 5, 7], np.int32)
+    q = np.array([2e-9, 6e-8, 3e-9, 4e-7])
+    features = {
+        "user": tf.zeros(4, tf.int32),
+        "history": tf.constant([[1, 3], [4, 0], [5, 6], [8, 0]]),
+        "track": tf.constant(track),
+        "weight": tf.ones(4),
+        "log_q": tf.constant(np.log(q).astype(np.float32)),
+    }
+    loss = float(model.compute_loss(features))
+    scores = (
+        model.query_tower(features).numpy() @ model.candidate_tower(tf.constant(track)).numpy().T
+    ) / 0.1 - np.log(q)[None, :]
+    expected = sum(
+        np.log(np.exp(row - row.max()).sum()) + row.max() - row[i] for i, row in enumerate(scores)
+    )
+    assert np.isclose(loss, expected, rtol=1e-4), (loss, expected)
+
+
 def test_full_softmax_is_chosen_by_catalogue_size():
     x = clustered_matrix()
     assert TwoTowerModel(ModelConfig(embedding_dim=8), x.shape[0], x.shape[1]).full_softmax
