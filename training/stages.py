@@ -119,13 +119,12 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        """Times the block; a stage that raises is not recorded (its time would read as done)."""
         started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = time.perf_counter() - started
-            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-            log.info("stage %s: %.1f s", name, elapsed)
+        yield
+        elapsed = time.perf_counter() - started
+        self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        log.info("stage %s: %.1f s", name, elapsed)
 
     def log(self) -> None:
         tracking.log_metrics({f"stage_{k}_seconds": v for k, v in self.seconds.items()})

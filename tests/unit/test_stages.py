@@ -101,3 +101,19 @@ def test_one_line_for_data_and_validation_errors() -> None:
     assert one_line(info.value).endswith("(+1 more)")
     assert one_line(info.value, env_prefix="TT_").startswith("TT_PORT: ")
     assert one_line(DataError("bad\n value", path="f.csv", row=3)) == "f.csv, row 3: bad value"
+
+
+def test_stage_timer_records_finished_stages_only():
+    import pytest
+
+    from tracktower.training.stages import StageTimer
+
+    timer = StageTimer()
+    with timer("prepare"):
+        pass
+    with timer("prepare"):
+        pass
+    with pytest.raises(KeyboardInterrupt), timer("export"):
+        raise KeyboardInterrupt
+    assert set(timer.seconds) == {"prepare"}
+    assert timer.seconds["prepare"] >= 0.0
