@@ -1,21 +1,30 @@
 #!/usr/bin/env python
-"""Offline quality benchmark on the real datasets: every system, same split, same metrics.
+"""Offline quality benchmark: every system on the same splits, chosen on validation, over seeds.
 
 Usage (from the repository root):
 
-    python benchmarks/quality.py                      # full grids, mpd + msd
-    python benchmarks/quality.py --quick --datasets mpd
+    python benchmarks/quality.py                         # 3 datasets x seeds 0,1,2, full grids
+    python benchmarks/quality.py --quick --datasets msd  # smoke run: a few minutes
+    python benchmarks/quality.py --datasets mpd-artist --systems ease,ials --seeds 0,1,2,3,4
 
-Each dataset is loaded with ``tracktower.training.data.prepare`` (the loader ``train`` uses),
-k-cored, and split with a seeded per-user random 80/20 holdout (no validation slice: a system that
-needs one carves it out of ``train`` itself). Every system is fitted on ``train`` and scored on
-``test`` with the shared ``ranking.top_k`` + ``metrics.ranking_metrics``; every grid point is an
-MLflow run in the experiment ``tracktower-quality``. The table is printed and written to
-``benchmarks/results/quality.json``. See benchmarks/README.md for the grids and the numbers.
+**Protocol.** Per dataset and seed there is ONE prepared split (``training.data.prepare``, the
+loader ``train`` uses): a k-core, then a seeded per-user holdout of 20% TEST and 10% VAL, the rest
+TRAIN. Every system is fitted on TRAIN and makes every choice on VAL only: the baselines' grid
+point (``run_baseline`` fits each point on TRAIN, scores it on VAL, and scores only the chosen
+point on TEST), the two-tower models' epoch (early stopping on validation Recall@20). TEST is
+scored once per system and seed, with TRAIN+VAL excluded from every system's lists. Test metrics
+are reported per seed and as mean ± sample standard deviation (ddof=1) over seeds.
 
-Adding a system: append a :class:`System` to the list returned by :func:`two_tower_systems` (or
-write another hook like it); ``fit_and_score`` gets a :class:`BenchContext` and returns a
-:class:`SystemResult` with un-prefixed metric names (``recall_at_20``...).
+**Datasets** (``--data-root``, default ``../shared/data``): ``mpd`` (mpd-subset, 5-core),
+``msd`` (msd-sample, 2-core, play counts), ``mpd-artist`` (mpd-subset aggregated to playlist x
+artist by ``features.aggregate.to_artist_level``, weight = the artist's tracks in the playlist,
+10-core; written to a temporary Parquet file, never into the repository). A missing dataset is
+skipped with a warning, or fails the run when ``CI=true``.
+
+The Markdown table (per dataset: test R@20 and NDCG@10 as mean ± std, the selected parameters,
+fit seconds, and tracktower / best peer) is printed and stored, with every seed's figures and
+every grid point tried (with its validation figures), in ``benchmarks/results/quality.json``.
+Each grid point and each two-tower fit is an MLflow run in the experiment ``tracktower-quality``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,10 +50,17 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results" / "quality.json"
 EXPERIMENT = "tracktower-quality"
-TABLE_METRICS = (
+VAL_FRACTION = 0.1
+TEST_FRACTION = 0.2
+SUMMARY_METRICS = (
     *("recall_at_10", "recall_at_20", "recall_at_50", "recall_at_100"),
     *("ndcg_at_10", "ndcg_at_100"),
 )
+TRACKTOWER = "tracktower"
+# Systems in table order; the two-tower ones are imported only when asked for.
+BASELINE_NAMES = ("popular", "ease", "ials", "rp3beta")
+TWO_TOWER_NAMES = ("tfrs-tutorial", TRACKTOWER)
+QUICK_MAX_EPOCHS = 2
 
 
 @dataclass(frozen=True)
@@ -53,16 +71,19 @@ class DatasetSpec:
     tracks: Path | None
     k_core: int
     note: str
+    derive: Callable[[Path, Path | None, Path], Path] | None = None  # -> derived interactions
 
 
 def dataset_specs(root: Path) -> dict[str, DatasetSpec]:
-    """The two benchmark datasets and why each k-core was chosen."""
+    """The benchmark datasets and why each k-core was chosen."""
+    mpd = root / "mpd-subset"
+    msd = root / "msd-sample"
     return {
         "mpd": DatasetSpec(
             "mpd",
             "mpd-subset",
-            root / "mpd-subset" / "interactions.parquet",
-            root / "mpd-subset" / "tracks.parquet",
+            mpd / "interactions.parquet",
+            mpd / "tracks.parquet",
             5,
             "5-core: drops the ~88% of tracks that occur in < 5 playlists (no collaborative "
             "signal) and keeps EASE's Gram at ~23k^2",
@@ -70,27 +91,57 @@ def dataset_specs(root: Path) -> dict[str, DatasetSpec]:
         "msd": DatasetSpec(
             "msd",
             "msd-sample",
-            root / "msd-sample" / "interactions.parquet",
-            root / "msd-sample" / "tracks.parquet",
+            msd / "interactions.parquet",
+            msd / "tracks.parquet",
             2,
             "2-core keeps 96% of rows (single-listener songs cannot be recommended "
             "collaboratively anyway); play counts are the weights",
         ),
+        "mpd-artist": DatasetSpec(
+            "mpd-artist",
+            "mpd-artist",
+            mpd / "interactions.parquet",
+            mpd / "tracks.parquet",
+            10,
+            "playlist x artist, weight = the artist's distinct tracks in the playlist; 10-core "
+            "(5.8k playlists x 5.1k artists, 1.0% dense) is the shape of issue 12's hidden "
+            "artist-level dataset (1.9k x 2.8k, ~1.1%); a 5-core keeps 9k artists at 0.56%",
+            derive=write_artist_level,
+        ),
     }
+
+
+def write_artist_level(interactions: Path, tracks: Path | None, workdir: Path) -> Path:
+    """The artist-level aggregate as a Parquet file under ``workdir`` (a temporary directory)."""
+    from tracktower.features import io
+    from tracktower.features.aggregate import to_artist_level
+    from tracktower.features.errors import DataError
+
+    if tracks is None or not tracks.is_file():
+        raise DataError("an artist-level aggregate needs the tracks file", path=tracks)
+    rows = io.read_interactions(interactions)
+    frame = to_artist_level(rows, io.read_tracks(tracks, rows))
+    out = workdir / "mpd-artist.parquet"
+    frame.to_parquet(out, index=False)
+    return out
 
 
 @dataclass
 class BenchContext:
-    """Everything a system needs: the prepared split plus run settings."""
+    """One (dataset, seed): the prepared split every system shares, plus run settings."""
 
     spec: DatasetSpec
-    data: Any  # tracktower.training.data.Prepared
+    data: Any  # tracktower.training.data.Prepared, with TRAIN / VAL / TEST
+    interactions: Path  # what was prepared (the derived file for mpd-artist)
+    tracks: Path | None
+    split: dict[str, Any]
     experiment: str
     tracking_uri: str | None
     seed: int
     quick: bool
     threads: int
-    skip_two_tower: bool = False
+    max_epochs: int | None = None
+    cold_start: bool = False
     ks: tuple[int, ...] = DEFAULT_KS
     params: dict[str, Any] = field(default_factory=dict)  # data/split params logged on each run
 
@@ -98,11 +149,12 @@ class BenchContext:
 @dataclass
 class SystemResult:
     system: str
-    params: dict[str, Any]
-    metrics: dict[str, float]  # un-prefixed test metrics of the selected configuration
+    params: dict[str, Any]  # the selected configuration (chosen on VAL)
+    metrics: dict[str, float]  # un-prefixed TEST metrics of that configuration
     fit_seconds: float
+    val_metrics: dict[str, float] = field(default_factory=dict)  # what the choice was made on
     run_id: str | None = None
-    grid: list[dict[str, Any]] = field(default_factory=list)  # every point tried
+    grid: list[dict[str, Any]] = field(default_factory=list)  # every point tried, VAL figures
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,185 +164,297 @@ class System:
     fit_and_score: Callable[[BenchContext], SystemResult]
 
 
+# --- systems -----------------------------------------------------------------------------------
+
+
+def baseline_grid(name: str, ctx: BenchContext) -> list[dict[str, Any]]:
+    """The runner's documented grid for this TRAIN matrix (``--quick``: its tiny one); on count
+    data ``grid_for`` also tries iALS with log confidence at every point."""
+    from tracktower.training.baselines.runner import grid_for
+
+    return grid_for(name, ctx.data.encoded.train, quick=ctx.quick)
+
+
+def _point_row(r: Any) -> dict[str, Any]:
+    return {
+        "params": r.params,
+        "val_recall_at_20": r.metrics.get("recall_at_20"),
+        "val_ndcg_at_10": r.metrics.get("ndcg_at_10"),
+        "fit_seconds": round(r.fit_seconds, 2),
+        "val_eval_seconds": round(r.eval_seconds, 2),
+        "selected": bool(getattr(r, "selected", False)),
+        **{k: round(v, 1) for k, v in r.extra.items()},
+    }
+
+
 def _baseline(name: str) -> System:
     def fit_and_score(ctx: BenchContext) -> SystemResult:
-        from tracktower.training.baselines.runner import (
-            GRIDS,
-            QUICK_GRIDS,
-            GridResult,
-            run_baseline,
-            run_name_for,
-        )
-
-        grid = list((QUICK_GRIDS if ctx.quick else GRIDS)[name])
-        if name == "ials" and ctx.spec.key == "msd":
-            # Play counts are heavy-tailed: also try log confidence, 1 + alpha*log1p(plays).
-            grid += [{**point, "scaling": "log"} for point in grid]
+        from tracktower.training.baselines.runner import GridResult, run_baseline, run_name_for
 
         def progress(r: GridResult) -> None:
             print(
-                f"    {run_name_for(r.params):<34} R@20={r.metrics.get('recall_at_20', 0):.4f} "
+                f"    {run_name_for(r.params):<34} val R@20={r.metrics.get('recall_at_20', 0):.4f} "
                 f"N@10={r.metrics.get('ndcg_at_10', 0):.4f} fit={r.fit_seconds:7.1f}s "
-                f"eval={r.eval_seconds:5.1f}s rss={r.extra.get('peak_rss_mb', 0):,.0f}MB",
+                f"eval={r.eval_seconds:5.1f}s",
                 flush=True,
             )
 
         out = run_baseline(
             name,
             ctx.data,
-            grid,
+            baseline_grid(name, ctx),
             experiment=ctx.experiment,
             tracking_uri=ctx.tracking_uri,
             dataset_name=ctx.spec.name,
             params=ctx.params,
             ks=ctx.ks,
-            # The whole 80% train part: the pairs the two-tower entries exclude too (their train
-            # plus early-stopping slice is this part again), so the table's rows are comparable.
-            exclude=ctx.data.encoded.known,
             num_threads=ctx.threads,
             seed=ctx.seed,
             on_result=progress,
         )
-        best = out.best
+        chosen = out.best  # chosen on VAL; only it was scored on TEST
         return SystemResult(
             system=name,
-            params={k: v for k, v in best.params.items() if k != "model"},
-            metrics=best.metrics,
-            fit_seconds=best.fit_seconds,
-            run_id=best.run_id,
-            grid=[
-                {
-                    "params": r.params,
-                    "recall_at_20": r.metrics.get("recall_at_20"),
-                    "ndcg_at_10": r.metrics.get("ndcg_at_10"),
-                    "fit_seconds": round(r.fit_seconds, 2),
-                    "eval_seconds": round(r.eval_seconds, 2),
-                    **{k: round(v, 1) for k, v in r.extra.items()},
-                }
-                for r in out.results
-            ],
-            extra={k: round(v, 1) for k, v in best.extra.items()},
+            params={k: v for k, v in chosen.params.items() if k != "model"},
+            metrics=dict(out.test_metrics),
+            val_metrics=dict(chosen.metrics),
+            fit_seconds=chosen.fit_seconds,
+            run_id=chosen.run_id,
+            grid=[_point_row(r) for r in out.results],
+            extra={k: round(v, 1) for k, v in chosen.extra.items()},
         )
 
     return System(name, fit_and_score)
 
 
-def baseline_systems(ctx: BenchContext) -> list[System]:
-    return [_baseline("popular"), _baseline("ease"), _baseline("ials")]
-
-
-def two_tower_systems(ctx: BenchContext) -> list[System]:
-    """HOOK for the two-tower entries (owned by the lead): return System(...) items here.
-
-    ``ctx.data.encoded.train`` is the 80% training split; carve a validation slice out of it for
-    early stopping, never touch ``ctx.data.encoded.test`` until the final scoring.
-    """
-    if ctx.skip_two_tower:
-        return []
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import two_tower
-
-    return list(two_tower.systems(ctx, System, SystemResult, cold=not ctx.quick))
-
-
-def _fmt_params(result: SystemResult) -> str:
-    """Baselines reuse their MLflow run name ("λ=100", "f=64 reg=1 alpha=10")."""
+def all_systems(ctx: BenchContext, wanted: Callable[[str], bool]) -> list[System]:
     from tracktower.training.baselines import BASELINES
-    from tracktower.training.baselines.runner import run_name_for
 
-    if result.system in BASELINES:
-        return run_name_for({"model": result.system, **result.params}).removeprefix(result.system)
-    return " ".join(f"{k}={v}" for k, v in result.params.items())
+    out = [_baseline(n) for n in BASELINE_NAMES if n in BASELINES and wanted(n)]
+    if any(wanted(n) for n in TWO_TOWER_NAMES):
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import two_tower
 
-
-def print_table(spec: DatasetSpec, results: Sequence[SystemResult]) -> None:
-    heads = ["R@10", "R@20", "R@50", "R@100", "N@10", "N@100"]
-    print(f"\n{spec.name}")
-    print(f"{'system':<10} {'best params':<44} " + " ".join(f"{h:>6}" for h in heads) + "  fit s")
-    for r in results:
-        vals = " ".join(f"{r.metrics.get(m, float('nan')):6.4f}" for m in TABLE_METRICS)
-        print(f"{r.system:<10} {_fmt_params(r).strip()[:44]:<44} {vals} {r.fit_seconds:6.1f}")
+        out += [s for s in two_tower.systems(ctx, System, SystemResult) if wanted(s.name)]
+    return out
 
 
-def run_dataset(spec: DatasetSpec, args: argparse.Namespace) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+# --- summary and table -------------------------------------------------------------------------
 
+
+def _mean_std(values: Sequence[float]) -> dict[str, Any]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else None,  # undefined for one
+        "per_seed": list(values),
+    }
+
+
+def summarise(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per system: mean ± std of each test metric over the seeds it ran on, its choices."""
+    by_system: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for seed, entry in seeds.items():
+        for result in entry["systems"]:
+            by_system.setdefault(result["system"], []).append((seed, result))
+    summary = {}
+    for system, runs in by_system.items():
+        summary[system] = {
+            "seeds": [seed for seed, _ in runs],
+            "metrics": {
+                m: _mean_std([r["metrics"][m] for _, r in runs])
+                for m in SUMMARY_METRICS
+                if all(m in r["metrics"] for _, r in runs)
+            },
+            "selected": {seed: format_params(system, r["params"]) for seed, r in runs},
+            "fit_seconds": statistics.fmean(r["fit_seconds"] for _, r in runs),
+        }
+    return summary
+
+
+def format_params(system: str, params: dict[str, Any]) -> str:
+    """Baselines reuse their MLflow run name ("λ=100", "f=64 reg=1 alpha=10")."""
+    if system in BASELINE_NAMES:
+        from tracktower.training.baselines.runner import run_name_for
+
+        name = run_name_for({"model": system, **params}).removeprefix(system).strip()
+        return name or "—"
+    if "epoch" in params:
+        return f"epoch {params['epoch']}"
+    return " ".join(f"{k}={v}" for k, v in params.items()) or "—"
+
+
+def best_peers(summary: dict[str, dict[str, Any]]) -> dict[str, tuple[str, float]]:
+    """Per table metric, the non-tracktower system with the highest mean."""
+    out = {}
+    for metric in ("recall_at_20", "ndcg_at_10"):
+        peers = [
+            (s["metrics"][metric]["mean"], name)
+            for name, s in summary.items()
+            if name != TRACKTOWER and metric in s["metrics"]
+        ]
+        if peers:
+            value, name = max(peers)
+            out[metric] = (name, value)
+    return out
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    """mean ± std; a single seed has no spread to show, so only its value."""
+    if not stat:
+        return "—"
+    if len(stat["per_seed"]) < 2:
+        return f"{stat['mean']:.4f}"
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
+    """Rows = systems; test R@20 and NDCG@10 as mean ± std; tracktower / best peer."""
+    peers = best_peers(summary)
+    lines = [
+        f"**{title}**",
+        "",
+        "| system | R@20 | NDCG@10 | selected on validation (per seed) | fit s | "
+        "tracktower / best peer (R@20 / NDCG@10) |",
+        "|---|---:|---:|---|---:|---:|",
+    ]
+    order = [*BASELINE_NAMES, *TWO_TOWER_NAMES]
+    for name in sorted(summary, key=lambda n: (order.index(n) if n in order else 99, n)):
+        s = summary[name]
+        choices = list(dict.fromkeys(s["selected"].values()))
+        chosen = "; ".join(
+            choices
+            if len(choices) == 1
+            else [f"{seed}: {value}" for seed, value in s["selected"].items()]
+        )
+        ratio = ""
+        if name == TRACKTOWER and peers:
+            parts = [
+                f"{s['metrics'][m]['mean'] / peers[m][1]:.2f}x" if m in peers else "—"
+                for m in ("recall_at_20", "ndcg_at_10")
+            ]
+            ratio = " / ".join(parts)
+        lines.append(
+            f"| {name} | {_cell(s['metrics'].get('recall_at_20'))} | "
+            f"{_cell(s['metrics'].get('ndcg_at_10'))} | {chosen} | {s['fit_seconds']:.1f} | "
+            f"{ratio} |"
+        )
+    if peers:
+        lines += [
+            "",
+            "Best peer: "
+            + ", ".join(f"{m} {name} ({value:.4f})" for m, (name, value) in peers.items()),
+        ]
+    return "\n".join(lines)
+
+
+def dataset_title(entry: dict[str, Any]) -> str:
+    seeds = entry["seeds"]
+    stats = next(iter(seeds.values()))["stats"] if seeds else {}
+    return (
+        f"{entry['name']} ({entry['k_core']}-core, {stats.get('users', 0):,} users x "
+        f"{stats.get('tracks', 0):,} items, {stats.get('rows', 0):,} rows; per-user "
+        f"{entry['split']['val_fraction']:.0%} val / {entry['split']['test_fraction']:.0%} test; "
+        f"test mean ± std over seeds {', '.join(sorted(seeds, key=int))})"
+    )
+
+
+# --- one dataset -------------------------------------------------------------------------------
+
+
+def dataset_inputs(spec: DatasetSpec, workdir: Path) -> tuple[Path, Path | None] | None:
+    """The files to prepare (derived ones built under ``workdir``); None: skip a missing one."""
+    missing = [p for p in (spec.interactions, spec.tracks) if p is not None and not p.is_file()]
+    if missing:
+        message = f"{missing[0]}: dataset {spec.key!r} not found (see --data-root)"
+        if os.environ.get("CI", "").lower() == "true":
+            raise SystemExit(f"error: {message}")
+        print(f"warning: {message}; skipped", file=sys.stderr, flush=True)
+        return None
+    if spec.derive is None:
+        return spec.interactions, spec.tracks
+    return spec.derive(spec.interactions, spec.tracks, workdir), None
+
+
+def run_seed(
+    spec: DatasetSpec,
+    inputs: tuple[Path, Path | None],
+    seed: int,
+    args: argparse.Namespace,
+    wanted: Callable[[str], bool],
+) -> dict[str, Any]:
     from tracktower.training.config import DataConfig, SplitConfig
     from tracktower.training.data import prepare
 
-    if not spec.interactions.is_file():
-        raise SystemExit(f"error: {spec.interactions}: dataset not found (see --data-root)")
-    raw_rows = pq.ParquetFile(spec.interactions).metadata.num_rows
-    data_cfg = DataConfig(interactions=spec.interactions, tracks=spec.tracks, k_core=spec.k_core)
-    split_cfg = SplitConfig(val_fraction=0.0, test_fraction=0.2, seed=args.seed)
+    interactions, tracks = inputs
+    data_cfg = DataConfig(interactions=interactions, tracks=tracks, k_core=spec.k_core)
+    split_cfg = SplitConfig(val_fraction=VAL_FRACTION, test_fraction=TEST_FRACTION, seed=seed)
     started = time.perf_counter()
     data = prepare(data_cfg, split_cfg)
-    stats = {"raw_rows": raw_rows, **data.stats, "prepare_seconds": time.perf_counter() - started}
+    stats = {**data.stats, "prepare_seconds": round(time.perf_counter() - started, 2)}
     print(
-        f"\n== {spec.name}: {raw_rows:,} rows -> {spec.k_core}-core {stats['rows']:,} rows, "
-        f"{stats['users']:,} users, {stats['tracks']:,} tracks; train {stats['train_rows']:,} / "
-        f"test {stats['test_rows']:,} rows (fingerprint {data.fingerprint[:12]})",
+        f"\n== {spec.name} seed {seed}: {spec.k_core}-core {stats['rows']:,} rows, "
+        f"{stats['users']:,} users, {stats['tracks']:,} items; train {stats['train_rows']:,} / "
+        f"val {stats['val_rows']:,} / test {stats['test_rows']:,} rows "
+        f"(fingerprint {data.fingerprint[:12]})",
         flush=True,
     )
     ctx = BenchContext(
         spec=spec,
         data=data,
+        interactions=interactions,
+        tracks=tracks,
+        split={"val_fraction": VAL_FRACTION, "test_fraction": TEST_FRACTION},
         experiment=args.experiment,
         tracking_uri=args.tracking_uri,
-        seed=args.seed,
+        seed=seed,
         quick=args.quick,
-        skip_two_tower=not wants_two_tower(args.systems),
         threads=args.threads,
+        max_epochs=args.max_epochs,
+        cold_start=args.cold_start,
         params={
-            "data": data_cfg.model_dump(mode="json"),
+            "data": {**data_cfg.model_dump(mode="json"), "dataset": spec.key},
             "split": split_cfg.model_dump(),
             "benchmark": "quality" + (" quick" if args.quick else ""),
         },
     )
-    results: list[SystemResult] = []
-    for system in [*baseline_systems(ctx), *two_tower_systems(ctx)]:
-        if not selected(args.systems, system.name):
-            continue
+    results = []
+    for system in all_systems(ctx, wanted):
         print(f"  {system.name}", flush=True)
-        results.append(system.fit_and_score(ctx))
-    print_table(spec, results)
+        result = system.fit_and_score(ctx)
+        print(
+            f"    -> {format_params(result.system, result.params)}: "
+            f"val R@20 {result.val_metrics.get('recall_at_20', float('nan')):.4f}, "
+            f"test R@20 {result.metrics.get('recall_at_20', float('nan')):.4f} "
+            f"N@10 {result.metrics.get('ndcg_at_10', float('nan')):.4f}",
+            flush=True,
+        )
+        results.append(asdict(result))
+    return {"fingerprint": data.fingerprint, "stats": stats, "systems": results}
+
+
+def run_dataset(
+    spec: DatasetSpec, args: argparse.Namespace, workdir: Path, wanted: Callable[[str], bool]
+) -> dict[str, Any] | None:
+    inputs = dataset_inputs(spec, workdir)
+    if inputs is None:
+        return None
+    seeds = {str(seed): run_seed(spec, inputs, seed, args, wanted) for seed in args.seeds}
     return {
         "name": spec.name,
-        "source": str(spec.interactions),
+        "source": str(spec.interactions)
+        + (" (artist-level aggregate)" if spec.derive is not None else ""),
         "k_core": spec.k_core,
         "k_core_note": spec.note,
-        "split": {"val_fraction": 0.0, "test_fraction": 0.2, "seed": args.seed},
-        "fingerprint": data.fingerprint,
-        "stats": stats,
-        "systems": [asdict(r) for r in results],
+        "split": {"val_fraction": VAL_FRACTION, "test_fraction": TEST_FRACTION},
+        "seeds": seeds,
     }
 
 
-def selected(systems: str, name: str) -> bool:
-    """``--systems``: 'all', 'baselines', or a comma list of system names."""
-    from tracktower.training.baselines import BASELINES
-
-    if systems == "all":
-        return True
-    if systems == "baselines":
-        return name in BASELINES
-    return name in {s.strip() for s in systems.split(",")}
-
-
-def wants_two_tower(systems: str) -> bool:
-    """False when only baselines were asked for, so TensorFlow is never imported."""
-    from tracktower.training.baselines import BASELINES
-
-    if systems in ("all", "baselines"):
-        return systems == "all"
-    return any(s.strip() not in BASELINES for s in systems.split(",") if s.strip())
-
-
 def merge_previous(path: Path, datasets: dict[str, Any]) -> dict[str, Any]:
-    """With a subset of systems or datasets, keep the other entries of an existing report.
+    """Keep an existing report's other datasets, seeds and systems next to this run's.
 
-    A dataset's old systems are kept only when its fingerprint and split are unchanged, so a merged
-    table never mixes numbers from different data.
+    A seed's old systems are kept only when its data fingerprint and the split fractions are
+    unchanged, so a merged table never mixes figures from different data.
     """
     if not path.is_file():
         return datasets
@@ -298,19 +462,25 @@ def merge_previous(path: Path, datasets: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(path.read_text()).get("datasets", {})
     except (OSError, ValueError):
         return datasets
-    merged = dict(old)
+    merged = {k: v for k, v in old.items() if isinstance(v.get("seeds"), dict)}
     for key, new in datasets.items():
-        prev = old.get(key)
-        same = prev and (prev.get("fingerprint"), prev.get("split")) == (
-            new["fingerprint"],
-            new["split"],
-        )
-        if same:
-            fresh = {s["system"] for s in new["systems"]}
-            kept = [s for s in prev["systems"] if s["system"] not in fresh]
-            new = {**new, "systems": kept + new["systems"]}
-        merged[key] = new
+        prev = merged.get(key)
+        if not prev or prev.get("split") != new["split"]:
+            merged[key] = new
+            continue
+        seeds = dict(prev["seeds"])
+        for seed, entry in new["seeds"].items():
+            before = seeds.get(seed)
+            if before and before.get("fingerprint") == entry["fingerprint"]:
+                fresh = {s["system"] for s in entry["systems"]}
+                kept = [s for s in before["systems"] if s["system"] not in fresh]
+                entry = {**entry, "systems": kept + entry["systems"]}
+            seeds[seed] = entry
+        merged[key] = {**new, "seeds": seeds}
     return merged
+
+
+# --- command line ------------------------------------------------------------------------------
 
 
 def _versions() -> dict[str, str]:
@@ -323,23 +493,62 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds, got {text!r}")
+    return seeds
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", default="mpd,msd", help="comma list of: mpd, msd")
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--datasets", default="mpd,msd,mpd-artist", help="comma list")
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    p.add_argument("--quick", action="store_true", help="tiny grids (smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny grids, seed 0 only, at most {QUICK_MAX_EPOCHS} epochs (smoke run)",
+    )
     p.add_argument(
         "--systems",
         default="all",
-        help="'all', 'baselines' (skip the two-tower), or a comma list of system names; "
-        "a subset is merged into an existing --output",
+        help="'all', 'baselines' (no TensorFlow), or a comma list of: "
+        + ", ".join([*BASELINE_NAMES, *TWO_TOWER_NAMES])
+        + "; a subset is merged into an existing --output",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_seeds, default=None, help="split seeds (default 0,1,2)")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap on two-tower epochs")
+    p.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="also measure tracktower's cold start on mpd (a second fit per seed)",
+    )
     p.add_argument("--threads", type=int, default=0, help="iALS threads (0 = all cores)")
     p.add_argument("--experiment", default=EXPERIMENT)
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite")
     p.add_argument("--output", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    p.add_argument("--markdown", type=Path, default=None, help="also write the tables here")
+    args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    if args.quick and args.max_epochs is None:
+        args.max_epochs = QUICK_MAX_EPOCHS
+    return args
+
+
+def wanted_systems(systems: str) -> Callable[[str], bool]:
+    """``--systems``: 'all', 'baselines', or a comma list of system names."""
+    names = {s.strip() for s in systems.split(",") if s.strip()}
+    if systems == "all":
+        return lambda name: True
+    if systems == "baselines":
+        return lambda name: name in BASELINE_NAMES
+    return lambda name: name in names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,16 +559,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = dataset_specs(args.data_root)
     keys = [k.strip() for k in args.datasets.split(",") if k.strip()]
     unknown = [k for k in keys if k not in specs]
+    known_systems = {*BASELINE_NAMES, *TWO_TOWER_NAMES}
+    bad = [s for s in args.systems.split(",") if s.strip() not in known_systems]
     if unknown or not keys:
         print(f"error: --datasets: unknown {unknown}; choose from {sorted(specs)}", file=sys.stderr)
         return 2
+    if args.systems not in ("all", "baselines") and bad:
+        print(
+            f"error: --systems: unknown {bad}; choose from {sorted(known_systems)}", file=sys.stderr
+        )
+        return 2
+    wanted = wanted_systems(args.systems)
     started = time.perf_counter()
-    datasets = {key: run_dataset(specs[key], args) for key in keys}
-    if args.systems != "all" or set(keys) != set(specs):
-        datasets = merge_previous(args.output, datasets)
+    with tempfile.TemporaryDirectory(prefix="tracktower-quality-") as work:
+        ran = {key: run_dataset(specs[key], args, Path(work), wanted) for key in keys}
+    datasets = merge_previous(args.output, {k: v for k, v in ran.items() if v is not None})
+    tables = []
+    for key, entry in datasets.items():
+        entry["summary"] = summarise(entry["seeds"])
+        entry["table_markdown"] = markdown_table(dataset_title(entry), entry["summary"])
+        if key in ran:
+            tables.append(entry["table_markdown"])
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "seeds": args.seeds,
+        "max_epochs": args.max_epochs,
         "experiment": args.experiment,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "libraries": _versions(),
@@ -368,6 +593,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    markdown = "\n\n".join(tables)
+    print("\n" + markdown)
+    if args.markdown:
+        args.markdown.write_text(markdown + "\n")
     print(f"\nwrote {args.output} ({report['total_seconds']:.0f}s total)")
     return 0
 

@@ -1,12 +1,22 @@
-"""Two-tower entries for ``benchmarks/quality.py``: the TFRS-tutorial model, tracktower, cold start.
+"""Two-tower entries for ``benchmarks/quality.py``: the plain TFRS tutorial and tracktower.
 
-Each system re-prepares the benchmark's data with a validation slice carved out of the 80% train
-part (for early stopping) and asserts that the test rows are exactly the baselines' test rows.
+Both train on the TRAIN part of the benchmark's one prepared split per (dataset, seed), the very
+object the baselines get, so every system sees the same rows. Each picks its epoch on the VAL
+part only: Keras early stopping on validation Recall@20 restores the best epoch's weights. The
+model is then scored once on TEST with TRAIN+VAL as each user's history and as what its lists may
+not contain, which is what the baselines' test lists exclude too.
+
+:func:`fit_and_test` is the one fit-then-score step (``benchmarks/training.py``'s
+``run_system`` can share it), :func:`fit_and_score` the same inside an MLflow run.
+:func:`cold_start` is the optional cold-start entry (``quality.py --cold-start``): it costs a
+second fit on 90% of the users, so the default run leaves it out.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +26,8 @@ import scipy.sparse as sp
 REPO = Path(__file__).resolve().parents[1]
 MPD_CONFIG = REPO / "configs" / "mpd.yaml"
 
-# The plain TFRS retrieval tutorial: id embeddings (32), dot product, Adagrad(0.1), 3 epochs.
+# The plain TFRS retrieval tutorial: id embeddings (32), dot product, Adagrad(0.1), in-batch
+# softmax. The tutorial trains 3 epochs; here it is early-stopped on VAL like tracktower.
 TUTORIAL = [
     "model.embedding_dim=32",
     "model.use_user_id=true",
@@ -35,82 +46,125 @@ TUTORIAL = [
     "train.learning_rate=0.1",
     "train.lr_schedule=constant",
     "train.batch_size=8192",
-    "train.epochs=3",
     "train.weighting=none",
-    "train.early_stopping.patience=100",
 ]
+# Its epochs chosen on VAL: at most 10 (a constant learning rate has no natural end), stopped
+# after 2 without a better validation Recall@20, as configs/mpd.yaml stops tracktower.
+TUTORIAL_EPOCHS = ["train.epochs=10", "train.early_stopping.patience=2"]
 
 
-def _config(ctx: Any, overrides: list[str]) -> Any:
+@dataclass
+class TwoTowerScore:
+    """One fitted two-tower model: test metrics, and the validation figures that chose its epoch."""
+
+    metrics: dict[str, float]  # un-prefixed test metrics
+    val: dict[str, float]  # un-prefixed validation metrics of the kept epoch
+    best_epoch: int
+    epochs_run: int
+    fit_seconds: float
+    run_id: str | None
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: val, examples/s
+
+
+def config(ctx: Any, overrides: Sequence[str]) -> Any:
+    """``configs/mpd.yaml`` pointed at the benchmark's data and split, then ``overrides``.
+
+    data.* and split.* describe exactly ``ctx.data`` (so the logged config is the truth, and
+    :func:`cold_start` can re-prepare it); ``train.seed`` follows the split seed so that the
+    spread over seeds includes the model's own initialisation, as it does for iALS.
+    """
     from tracktower.training.config import load_config
 
-    spec = ctx.spec
     data = [
-        f"data.interactions={spec.interactions}",
-        f"data.k_core={spec.k_core}",
+        f"data.interactions={ctx.interactions}",
+        f"data.k_core={ctx.spec.k_core}",
         "data.min_track_users=0",  # exactly the benchmark's k-core data, as the baselines get
     ]
-    if spec.tracks:
-        data.append(f"data.tracks={spec.tracks}")
-    split = ["split.test_fraction=0.2", f"split.seed={ctx.seed}"]
-    return load_config(MPD_CONFIG, [*data, *split, *overrides])
+    if ctx.tracks:
+        data.append(f"data.tracks={ctx.tracks}")
+    split = [
+        f"split.val_fraction={ctx.split['val_fraction']}",
+        f"split.test_fraction={ctx.split['test_fraction']}",
+        f"split.seed={ctx.seed}",
+        f"train.seed={ctx.seed}",
+    ]
+    cfg = load_config(MPD_CONFIG, [*data, *split, *overrides])
+    if ctx.max_epochs and cfg.train.epochs > ctx.max_epochs:
+        train = cfg.train.model_copy(update={"epochs": ctx.max_epochs})
+        cfg = cfg.model_copy(update={"train": train})
+    return cfg
 
 
-def _prepare(ctx: Any, cfg: Any) -> Any:
-    from tracktower.features.split import TEST
-    from tracktower.training.data import prepare
-
-    data = prepare(cfg.data, cfg.split)
-    mine, theirs = (
-        d.interactions.loc[d.labels == TEST, ["user_id", "track_id"]]
-        .astype("str")
-        .sort_values(["user_id", "track_id"])
-        for d in (data, ctx.data)
-    )
-    if not np.array_equal(mine.to_numpy(), theirs.to_numpy()):
-        raise AssertionError("two-tower test split differs from the baselines' test split")
-    return data
+def _unprefixed(row: Mapping[str, float], prefix: str = "val_") -> dict[str, float]:
+    return {k.removeprefix(prefix): float(v) for k, v in row.items() if k.startswith(prefix)}
 
 
-def _fit_logged(
-    ctx: Any, name: str, cfg: Any, data: Any
-) -> tuple[Any, dict[str, float], float, str]:
-    from tracktower.training import evaluate, tracking
-    from tracktower.training.config import flatten
+def fit_and_test(
+    cfg: Any, data: Any, ks: Sequence[int], on_epoch: Any = None
+) -> tuple[Any, dict[str, float], float]:
+    """``(FitResult, test metrics, fit seconds)``: trained on TRAIN, epoch kept on VAL, scored
+    once on TEST. No MLflow of its own, so a caller's run can hold it (benchmarks/training.py).
+
+    ``result.known`` is TRAIN+VAL: the history the query tower reads and what the lists
+    exclude, the baselines' test exclusion set too.
+    """
+    from tracktower.training import evaluate
     from tracktower.training.train import fit
 
-    tracking.configure(ctx.tracking_uri)
-    with tracking.experiment_run(
-        ctx.experiment, name, tags={"system": name, "dataset": ctx.spec.name}
-    ) as run:
-        tracking.log_params_flat(flatten(cfg))
+    started = time.perf_counter()
+    result = fit(cfg, data.encoded, data.track_artist, on_epoch=on_epoch)
+    seconds = time.perf_counter() - started
+    enc = data.encoded
+    metrics = evaluate.evaluate_model(
+        result.model, result.known, enc.test, enc.test_unknown, list(ks), exclude=result.known
+    )
+    return result, metrics, seconds
+
+
+def fit_and_score(
+    cfg: Any,
+    data: Any,
+    *,
+    ks: Sequence[int],
+    experiment: str,
+    run_name: str,
+    tags: Mapping[str, str],
+    dataset_name: str,
+    tracking_uri: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> TwoTowerScore:
+    """:func:`fit_and_test` as one MLflow run: the flattened config, ``params``, the dataset
+    input, every epoch's validation row (``epoch_*``), the kept epoch's ``val_*`` and the
+    ``test_*`` metrics."""
+    from tracktower.training import tracking
+    from tracktower.training.config import flatten
+
+    tracking.configure(tracking_uri)
+    with tracking.experiment_run(experiment, run_name, tags=dict(tags)) as run:
+        tracking.log_params_flat({**flatten(cfg), **(params or {})})
         tracking.log_dataset_input(
-            data.interactions, fingerprint=data.fingerprint, name=ctx.spec.name, source=data.source
+            data.interactions, fingerprint=data.fingerprint, name=dataset_name, source=data.source
         )
-        started = time.perf_counter()
-        result = fit(
+        result, metrics, seconds = fit_and_test(
             cfg,
-            data.encoded,
-            data.track_artist,
+            data,
+            ks,
             on_epoch=lambda epoch, row: tracking.log_metrics(row, prefix="epoch_", step=epoch),
-        )
-        seconds = time.perf_counter() - started
-        enc = data.encoded
-        # Train plus the early-stopping slice is the benchmark's whole train part: the same
-        # exclusion set the baselines are scored against.
-        metrics = evaluate.evaluate_model(
-            result.model,
-            result.known,
-            enc.test,
-            enc.test_unknown,
-            list(ctx.ks),
-            exclude=result.known,
         )
         tracking.log_metrics(metrics, prefix="test_")
         tracking.log_metrics(result.best_val)
         tracking.log_metrics({"fit_seconds": seconds, "best_epoch": result.best_epoch})
-        tracking.log_recall_plot(metrics, title=f"{name} — {ctx.spec.name}")
-    return result, metrics, seconds, run.info.run_id
+    keep = ("val_recall_at_20", "val_ndcg_at_10", "examples_per_sec")
+    history = [{k: round(float(row[k]), 5) for k in keep if k in row} for row in result.history]
+    return TwoTowerScore(
+        metrics=metrics,
+        val=_unprefixed(result.best_val),
+        best_epoch=result.best_epoch,
+        epochs_run=len(result.history),
+        fit_seconds=seconds,
+        run_id=run.info.run_id,
+        history=history,
+    )
 
 
 def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
@@ -118,7 +172,7 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
 
     The query tower is called with the user id hidden and the recent tracks as history, exactly
     what the server's ``session`` source does (the pooled history through the SavedModel's
-    ``query_from_pooled_history`` signature).
+    ``query_from_pooled_history`` signature). The warm model is early-stopped on its own VAL.
     """
     from tracktower.features.catalog import track_artist_index
     from tracktower.features.dataset import encode
@@ -195,28 +249,41 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     }
 
 
-def systems(ctx: Any, system_cls: Any, result_cls: Any, cold: bool = True) -> list[Any]:
-    def make(name: str, overrides: list[str], with_cold: bool) -> Any:
-        def fit_and_score(ctx: Any) -> Any:
-            cfg = _config(ctx, overrides)
-            data = _prepare(ctx, cfg)
-            result, metrics, seconds, run_id = _fit_logged(ctx, name, cfg, data)
-            extra: dict[str, Any] = {"best_epoch": result.best_epoch}
-            if with_cold:
+def systems(ctx: Any, system_cls: Any, result_cls: Any) -> list[Any]:
+    """``tfrs-tutorial`` and ``tracktower`` (configs/mpd.yaml defaults) as quality.py systems."""
+
+    def make(name: str, overrides: list[str], label: str) -> Any:
+        def run(ctx: Any) -> Any:
+            cfg = config(ctx, overrides)
+            score = fit_and_score(
+                cfg,
+                ctx.data,
+                ks=ctx.ks,
+                experiment=ctx.experiment,
+                run_name=f"{name} seed={ctx.seed}",
+                tags={"system": name, "dataset": ctx.spec.name, "seed": str(ctx.seed)},
+                dataset_name=ctx.spec.name,
+                tracking_uri=ctx.tracking_uri,
+                params=ctx.params,
+            )
+            extra: dict[str, Any] = {"epochs_run": score.epochs_run}
+            if name == "tracktower" and ctx.cold_start and ctx.spec.key == "mpd":
                 extra["cold_start"] = cold_start(ctx, cfg)
                 print(f"    cold start: {extra['cold_start']}", flush=True)
             return result_cls(
                 system=name,
-                params={"config": "mpd.yaml", "overrides": " ".join(overrides)},
-                metrics=metrics,
-                fit_seconds=seconds,
-                run_id=run_id,
+                params={"config": label, "epoch": f"{score.best_epoch}/{cfg.train.epochs}"},
+                metrics=score.metrics,
+                val_metrics=score.val,
+                fit_seconds=score.fit_seconds,
+                run_id=score.run_id,
+                grid=[{"epoch": i + 1, **row} for i, row in enumerate(score.history)],
                 extra=extra,
             )
 
-        return system_cls(name, fit_and_score)
+        return system_cls(name, run)
 
     return [
-        make("tfrs-tutorial", TUTORIAL, False),
-        make("tracktower", [], cold and ctx.spec.key == "mpd"),
+        make("tfrs-tutorial", [*TUTORIAL, *TUTORIAL_EPOCHS], "TFRS tutorial (dim 32, Adagrad)"),
+        make("tracktower", [], "configs/mpd.yaml"),
     ]

@@ -36,6 +36,7 @@ def test_ials_pins_blas_to_one_thread_in_a_fresh_process() -> None:
 
 
 def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
+    """Every point is a run with VAL metrics; only the one chosen on VAL has TEST metrics."""
     import mlflow
 
     from tracktower.training.baselines.runner import run_baseline
@@ -46,12 +47,15 @@ def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     src = tmp_path / "interactions.parquet"
     synthetic_interactions(src)
-    data = prepare(DataConfig(interactions=src), SplitConfig(val_fraction=0.0, test_fraction=0.2))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    no_val = prepare(DataConfig(interactions=src), SplitConfig(val_fraction=0.0, test_fraction=0.2))
+    with pytest.raises(DataError, match="val_fraction"):
+        run_baseline("ease", no_val, [{"l2": 10.0}, {"l2": 100.0}], tracking_uri=uri)
+    data = prepare(DataConfig(interactions=src), SplitConfig(val_fraction=0.2, test_fraction=0.2))
     out = run_baseline(
-        "ease",
+        "rp3beta",
         data,
-        [{"l2": 10.0}, {"l2": 100.0}],
+        [{"alpha": 1.0, "beta": 0.0, "neighbors": 5}, {"alpha": 0.5, "beta": 0.5, "neighbors": 20}],
         experiment="baselines-test",
         tracking_uri=uri,
         params={"split": {"seed": 0}},
@@ -60,20 +64,34 @@ def test_runner_logs_each_grid_point(tmp_path, monkeypatch) -> None:
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("baselines-test")
     assert exp is not None
-    runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["ease λ=10", "ease λ=100"]
-    for run in runs:
+    refused = client.get_experiment_by_name("tracktower")  # where the refused grid would log
+    assert refused is None or not client.search_runs([refused.experiment_id])
+    runs = {r.info.run_id: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(r.info.run_name for r in runs.values()) == [
+        "rp3beta a=0.5 b=0.5 k=20",
+        "rp3beta a=1 b=0 k=5",
+    ]
+    for result in out.results:
+        run = runs[result.run_id]
         metrics = run.data.metrics
         for name in ("recall_at_10", "recall_at_20", "recall_at_50", "recall_at_100"):
-            assert f"test_{name}" in metrics
-        assert {"test_ndcg_at_10", "test_ndcg_at_100", "fit_seconds"} <= set(metrics)
-        assert run.data.params["model"] == "ease"
+            assert metrics[f"val_{name}"] == pytest.approx(result.metrics[name])
+        assert {"val_ndcg_at_10", "fit_seconds", "val_eval_seconds"} <= set(metrics)
+        assert run.data.params["model"] == "rp3beta"
         assert run.data.params["dataset.fingerprint"] == data.fingerprint
         assert run.data.params["split.seed"] == "0"
-        assert run.data.tags["system"] == "ease"
+        assert run.data.tags["system"] == "rp3beta"
+        assert run.data.tags["sweep.select"] == "val_recall_at_20"
+        assert run.data.tags["sweep.select_split"] == "val"
         assert run.info.status == "FINISHED"
-    best = [r for r in runs if r.data.tags.get("sweep.best") == "true"]
-    assert [r.info.run_id for r in best] == [out.best.run_id]
+        tested = {k for k in metrics if k.startswith("test_")}
+        if result.selected:
+            assert run.data.tags.get("sweep.best") == "true"
+            assert {"test_recall_at_20", "test_ndcg_at_10", "test_eval_seconds"} <= tested
+            assert metrics["test_recall_at_20"] == pytest.approx(out.test_metrics["recall_at_20"])
+        else:
+            assert "sweep.best" not in run.data.tags and not tested
+    assert sum(r.selected for r in out.results) == 1 and out.best.selected
 
     # A too-large EASE is refused before any run is started, not as a FAILED run.
     with pytest.raises(DataError, match="max_items"):
@@ -111,3 +129,11 @@ def test_baseline_cli_takes_train_flags(tmp_path, monkeypatch) -> None:
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["split.val_fraction"] == "0.2"
+    assert run.data.tags["sweep.best"] == "true" and "test_recall_at_20" in run.data.metrics
+
+    # RP3beta is a peer like EASE: its defaults through the same command, chosen on VAL.
+    args = ["rp3beta", "--interactions", str(src), "--no-grid", "--tracking-uri", uri]
+    result = CliRunner().invoke(app, [*args, "--experiment", "cli-rp3"])
+    assert result.exit_code == 0, result.output
+    assert "best: rp3beta a=0.5 b=0.3 k=200" in result.output
+    assert "val recall@20=" in result.output and "test_ndcg_at_10" in result.output

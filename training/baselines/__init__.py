@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import numpy as np
     from scipy.sparse import csr_matrix
 
-BASELINES = ("popular", "ease", "ials")
+BASELINES = ("popular", "ease", "ials", "rp3beta")
 # EASE refuses more tracks than this: its dense item-item matrix needs n^2 x 4 bytes (3.6 GB).
 DEFAULT_MAX_ITEMS = 30_000
 
@@ -51,6 +51,10 @@ def make_recommender(name: str, **params: Any) -> Recommender:
         from tracktower.training.baselines.ials import IALS
 
         return IALS(**params)
+    if name == "rp3beta":
+        from tracktower.training.baselines.rp3beta import RP3beta
+
+        return RP3beta(**params)
     from tracktower.features.errors import DataError
 
     raise DataError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")

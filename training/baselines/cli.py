@@ -5,7 +5,8 @@ The shared flags (``--config``, ``--interactions``, ``--tracks``, ``--set``, ``-
 ``--set`` overrides on the experiment config, so a baseline and a two-tower run given the same
 config and flags see the same k-core, split and seed (and therefore the same dataset fingerprint
 and test users), and the test lists exclude the same tracks (train + validation,
-``Encoded.known``).
+``Encoded.known``). A grid is chosen on the validation split (``split.val_fraction`` > 0), the
+way ``train`` early-stops; only the chosen point is scored on test.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class BaselineName(StrEnum):
     popular = "popular"
     ease = "ease"
     ials = "ials"
+    rp3beta = "rp3beta"
 
 
 @guarded
@@ -57,7 +59,11 @@ def baseline_command(
     ] = None,
     val_fraction: Annotated[float | None, typer.Option(help="Validation share per user.")] = None,
     grid: Annotated[
-        bool, typer.Option("--grid/--no-grid", help="Sweep the documented grid, or defaults only.")
+        bool,
+        typer.Option(
+            "--grid/--no-grid",
+            help="Sweep the documented grid (chosen on validation), or defaults only.",
+        ),
     ] = True,
     tracking_uri: TrackingOpt = None,
     threads: Annotated[int, typer.Option(help="iALS threads (0 = all cores).")] = 0,
@@ -65,7 +71,8 @@ def baseline_command(
         int, typer.Option(help="EASE refuses more tracks than this (needs n^2 x 4 bytes).")
     ] = DEFAULT_MAX_ITEMS,
 ) -> None:
-    """Fit a baseline (each grid point is an MLflow run) and print its test metrics."""
+    """Fit a baseline on the training split, choose its grid point on validation (each point is
+    an MLflow run) and print the chosen point's test metrics."""
     if threads < 0:
         raise DataError(f"--threads must be >= 0, got {threads}")
     flags = {
@@ -87,7 +94,7 @@ def _run(
     threads: int,
     max_items: int,
 ) -> None:
-    from tracktower.training.baselines.runner import DEFAULTS, GRIDS, run_baseline, run_name_for
+    from tracktower.training.baselines.runner import DEFAULTS, grid_for, run_baseline, run_name_for
     from tracktower.training.data import prepare
 
     if cfg.data.interactions is not None and not Path(cfg.data.interactions).exists():
@@ -98,7 +105,7 @@ def _run(
         f"{data.source}: {stats['rows']:,} interactions, {stats['users']:,} users, "
         f"{stats['tracks']:,} tracks (fingerprint {data.fingerprint[:12]})"
     )
-    points = list(GRIDS[name]) if grid else [DEFAULTS[name]]
+    points = grid_for(name, data.encoded.train) if grid else [DEFAULTS[name]]
     if name == "ease":
         points = [{**p, "max_items": max_items} for p in points]
     out = run_baseline(
@@ -109,14 +116,15 @@ def _run(
         tracking_uri=tracking_uri,
         params={"data": cfg.data.model_dump(mode="json"), "split": cfg.split.model_dump()},
         ks=cfg.eval.ks,
+        sampling=cfg.eval,
         num_threads=threads,
         seed=cfg.split.seed,
         on_result=_report,
     )
     best = out.best
-    typer.echo(f"best: {run_name_for(best.params)} (run {best.run_id})")
-    for key in sorted(best.metrics):
-        typer.echo(f"  test_{key} = {best.metrics[key]:.4f}")
+    typer.echo(f"best: {run_name_for(best.params)} (run {best.run_id}, chosen by {out.selection})")
+    for key in sorted(best.test_metrics):
+        typer.echo(f"  test_{key} = {best.test_metrics[key]:.4f}")
     sys.stdout.flush()
 
 
@@ -125,6 +133,6 @@ def _report(result: GridResult) -> None:
 
     m = result.metrics
     typer.echo(
-        f"  {run_name_for(result.params):<32} recall@20={m.get('recall_at_20', 0):.4f} "
+        f"  {run_name_for(result.params):<36} val recall@20={m.get('recall_at_20', 0):.4f} "
         f"ndcg@10={m.get('ndcg_at_10', 0):.4f} fit={result.fit_seconds:.1f}s"
     )

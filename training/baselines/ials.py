@@ -6,8 +6,9 @@ matrix ourselves and pass ``alpha=1`` so the scaling is explicit and matches the
 
 - ``linear``: C = 1 + alpha * w
 - ``log``:    C = 1 + alpha * log1p(w / eps)   (tames heavy-tailed play counts)
+- ``binary``: C = 1 + alpha                     (counts ignored: every observed pair alike)
 
-With 0/1 playlist data both reduce to C = 1 + alpha on observed pairs.
+With 0/1 playlist data ``linear`` and ``binary`` are the same model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from scipy.sparse import csr_matrix
 
 from tracktower.features.errors import DataError
 
-Scaling = Literal["linear", "log"]
+Scaling = Literal["linear", "log", "binary"]
+SCALINGS = ("linear", "log", "binary")
 
 
 class IALS:
@@ -44,8 +46,8 @@ class IALS:
             raise DataError("iALS factors and iterations must be >= 1")
         if regularization < 0 or alpha < 0 or eps <= 0:
             raise DataError("iALS regularization and alpha must be >= 0 and eps > 0")
-        if scaling not in ("linear", "log"):
-            raise DataError(f"iALS scaling must be 'linear' or 'log', got {scaling!r}")
+        if scaling not in SCALINGS:
+            raise DataError(f"iALS scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
         self.factors = int(factors)
         self.regularization = float(regularization)
         self.alpha = float(alpha)
@@ -71,11 +73,18 @@ class IALS:
             out["eps"] = self.eps
         return out
 
+    @property
+    def memory_bytes(self) -> int:
+        factors = (self.user_factors, self.item_factors)
+        return sum(0 if f is None else int(f.nbytes) for f in factors)
+
     def confidence(self, train_csr: csr_matrix) -> csr_matrix:
         c = csr_matrix(train_csr, dtype=np.float32, copy=True)
         c.eliminate_zeros()
         if self.scaling == "log":
             c.data = np.log1p(c.data / self.eps, dtype=np.float32)
+        elif self.scaling == "binary":
+            c.data[:] = 1.0
         c.data = (1.0 + self.alpha * c.data).astype(np.float32)
         return c
 
