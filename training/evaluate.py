@@ -13,6 +13,9 @@ the caller, so every system in a comparison can be scored against the same one.
 
 from __future__ import annotations
 
+import weakref
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -27,7 +30,12 @@ from tracktower.training.metrics import (
 from tracktower.training.model import TwoTowerModel
 from tracktower.training.pipeline import history_rows
 
-_BATCH = 1024
+# Users per query-tower call at most, and history slots (users x the batch's longest history)
+# per call: the tower gathers a [slots, dim] float32 block and masks it (a second one), so this
+# bounds both (1M x 128: 512 MB each).
+MAX_USERS = 16384
+MAX_SLOTS = 1 << 20
+_QUERY_FNS: weakref.WeakKeyDictionary[TwoTowerModel, Any] = weakref.WeakKeyDictionary()
 
 
 def track_embeddings(model: TwoTowerModel) -> np.ndarray:
@@ -42,21 +50,64 @@ def track_embeddings(model: TwoTowerModel) -> np.ndarray:
 def user_embeddings(model: TwoTowerModel, known: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
     """Query embeddings for user indices (0-based), from their id and their whole ``known`` row.
 
-    Histories are built a batch of users at a time and never capped: only training subsamples.
+    Histories are never capped (only training subsamples). Users go through the tower in order
+    of history length, so each batch is padded to about its own users' length (at MPD shape a
+    batch of random users is padded to its heaviest user's 1,000 tracks) and batches can be
+    large (``MAX_USERS``, ``MAX_SLOTS``); the tower runs as one traced function, not eagerly.
     """
     known = sp.csr_matrix(known)
     users = np.asarray(users, dtype=np.int64)
-    out = []
-    for start in range(0, len(users), _BATCH):
-        batch = users[start : start + _BATCH]
-        feats = {
-            "user": tf.constant(batch.astype(np.int32) + 1),
-            "history": tf.constant(history_rows(known, batch)),
-        }
-        out.append(model.query_tower(feats).numpy())
-    if not out:
-        return np.zeros((0, model.output_dim), np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    out = np.zeros((len(users), model.output_dim), np.float32)
+    lengths = np.diff(known.indptr)[users]
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = lengths[order]
+    tower = _query_fn(model)
+    start = 0
+    while start < len(order):
+        stop = _batch_end(sorted_lengths, start)
+        picked = order[start:stop]
+        batch = users[picked]
+        embedded = tower(
+            tf.constant(batch.astype(np.int32) + 1), tf.constant(history_rows(known, batch))
+        )
+        out[picked] = embedded.numpy()
+        start = stop
+    return out
+
+
+def _batch_end(sorted_lengths: np.ndarray, start: int) -> int:
+    """The end of the batch from ``start``: as many users as MAX_USERS and MAX_SLOTS allow
+    (ascending lengths, so the last user's is the batch's padded width), at least one."""
+    lo, hi = start + 1, min(start + MAX_USERS, len(sorted_lengths))
+    while lo < hi:  # the largest stop with (stop - start) x width <= MAX_SLOTS
+        mid = (lo + hi + 1) // 2
+        if (mid - start) * max(int(sorted_lengths[mid - 1]), 1) <= MAX_SLOTS:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _query_fn(model: TwoTowerModel) -> Any:
+    """The query tower as a traced function of (user ids, padded histories), one per model:
+    any batch and width reuse one trace."""
+    fn = _QUERY_FNS.get(model)
+    if fn is None:
+        ref = weakref.ref(model)  # the cached function must not keep its model alive
+
+        def query(user: tf.Tensor, history: tf.Tensor) -> tf.Tensor:
+            tower = ref().query_tower  # type: ignore[union-attr]
+            return tf.cast(tower({"user": user, "history": history}), tf.float32)
+
+        fn = tf.function(
+            query,
+            input_signature=[
+                tf.TensorSpec([None], tf.int32),
+                tf.TensorSpec([None, None], tf.int32),
+            ],
+        )
+        _QUERY_FNS[model] = fn
+    return fn
 
 
 def evaluate_embeddings(

@@ -18,7 +18,9 @@ evaluation load it from the artifact.
 
 from __future__ import annotations
 
+import logging
 import platform
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -37,6 +39,7 @@ from tracktower.training import evaluate
 from tracktower.training.config import IndexConfig
 from tracktower.training.model import TwoTowerModel, query_head
 
+log = logging.getLogger(__name__)
 _LIBRARIES = ("tensorflow", "tf-keras", "tensorflow-recommenders", "mlflow", "numpy", "tracktower")
 
 
@@ -121,12 +124,15 @@ def _arrays(inputs: ExportInputs) -> dict[str, np.ndarray]:
         if inputs.model.cfg.use_history
         else {}
     )
+    started = time.perf_counter()
+    user_embeddings = evaluate.user_embeddings(inputs.model, known, users)
+    log.info("export: %d user embeddings in %.1f s", len(users), time.perf_counter() - started)
     return {
         **history,
         "track_ids": np.asarray(inputs.track_ids, dtype=str),
         "track_embeddings": evaluate.track_embeddings(inputs.model),
         "user_ids": np.asarray(inputs.user_ids, dtype=str),
-        "user_embeddings": evaluate.user_embeddings(inputs.model, known, users),
+        "user_embeddings": user_embeddings,
         "seen_indptr": known.indptr.astype(np.int64),
         "seen_indices": known.indices.astype(np.int32),
         "popular": order.astype(np.int32),
@@ -156,9 +162,16 @@ def known_top_lists(
     index: RetrievalIndex, arrays: dict[str, np.ndarray], width: int
 ) -> dict[str, np.ndarray]:
     """Every known user's top ``width`` (seen excluded) for KNOWN_TOP_ARRAYS."""
+    started = time.perf_counter()
     seen = artifact.seen_matrix(arrays)
     indices, scores = top_lists(
         index, arrays["track_embeddings"], arrays["user_embeddings"], width, seen
+    )
+    log.info(
+        "export: top %d lists of %d known users in %.1f s",
+        width,
+        len(indices),
+        time.perf_counter() - started,
     )
     return {"known_top_indices": indices, "known_top_scores": scores}
 

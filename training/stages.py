@@ -495,6 +495,7 @@ def train(
             _share_checkpoint_dir(cfg, checkpoint_dir)
             with timer("fit"):
                 result, seconds = fit(cfg, data, checkpoint_dir)
+        data = release_after_fit(data, result)
         metrics = _export_and_evaluate(cfg, data, result, held, popular, run_id, name, timer)
         with timer("register"):
             registration = register(
@@ -518,6 +519,23 @@ def train(
         resumed_epochs=result.resumed_epochs,
         stage_seconds={k: round(v, 2) for k, v in timer.seconds.items()},
     )
+
+
+def release_after_fit(data: Prepared, result: FitResult) -> Prepared:
+    """Free what export and evaluation do not read before they start, since the run's peak
+    memory is reached there: the optimizer's state and the training input
+    (:func:`tracktower.training.train.release_training_state`), and the interaction rows, of
+    which only their number is read after fit (``stats``): the returned ``Prepared`` holds a
+    frame of as many rows and no columns (24 bytes a row less, 1.6 GB at MPD shape)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from tracktower.training.train import release_training_state
+
+    release_training_state(result.model)
+    rows = pd.DataFrame(index=pd.RangeIndex(len(data.interactions)))
+    return dataclasses.replace(data, interactions=rows)
 
 
 def _export_and_evaluate(

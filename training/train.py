@@ -19,6 +19,7 @@ and stops at the same epoch everywhere instead of leaving one worker waiting on 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import sys
@@ -458,3 +459,26 @@ def _local_copy(
     plain = TwoTowerModel(cfg.model, len(data.user_ids), len(data.track_ids), track_artist)
     plain.set_weights(model.get_weights())
     return plain
+
+
+def release_training_state(model: TwoTowerModel) -> None:
+    """Free what only training needs, keeping the weights: the optimizer with its slots (Adam's
+    and LazyAdam's moments are two more copies of every table: 3.4 GB for configs/mpd.yaml's two
+    1.67M x 128 track tables) and the traced train/test/predict steps, which hold the
+    optimizer's variables too. ``fit``'s training input (the scratch examples, the history
+    table the dataset captured) has no owner once ``fit`` returns; Keras's objects keep
+    themselves alive in reference cycles, so only a collection frees it all. Afterwards the
+    model can be called, exported and saved, but not trained again until it is compiled
+    again."""
+    model.optimizer = None
+    # Keras also keeps the optimizer as a checkpoint dependency and in the compile config.
+    if "optimizer" in getattr(model, "_unconditional_dependency_names", {}):
+        model._delete_tracking("optimizer")
+    config = getattr(model, "_compile_config", None)
+    if config is not None:
+        config.config.pop("optimizer", None)
+    model.train_function = None
+    model.test_function = None
+    model.predict_function = None
+    model.train_tf_function = None
+    gc.collect()

@@ -20,6 +20,16 @@ from tracktower.features.index.base import META_FILE, check_candidates, check_qu
 
 __all__ = ["ExactIndex"]
 
+# Many queries over a large catalogue (the export's fallback rows, a recall sample at MPD shape):
+# a SCORE_BUDGET block would hold only a few rows, so every few rows would re-read the whole
+# candidate matrix and argpartition every score (about 12 ns each). Below MIN_CHUNK_ROWS rows per
+# block the search goes candidate block by candidate block instead: ROW_BLOCK queries share each
+# pass over the candidates (one large matrix product), and after the first block only scores
+# above a row's running k-th best are kept (one comparison each), so selection costs little.
+MIN_CHUNK_ROWS = 256
+ROW_BLOCK = 1024
+COLUMN_BLOCK = 16384
+
 
 class ExactIndex:
     """Brute-force inner-product top-k over ``candidates [n, dim]`` (kept as given: a read-only
@@ -65,6 +75,9 @@ class ExactIndex:
         if spare < 0:
             raise ValueError(f"spare must be >= 0, got {spare}")
         k += spare
+        per_chunk = max(1, ranking.SCORE_BUDGET // self.size)
+        if len(q) > per_chunk and per_chunk < MIN_CHUNK_ROWS:
+            return _columns_top_k(q, self._candidates, k, exclude, rows)
         cand_t = self._candidates.T  # a view: BLAS reads the transposed layout directly
         blocks = ranking.top_k_chunks(
             lambda block: q[block] @ cand_t, len(q), self.size, k, exclude, rows=rows
@@ -102,3 +115,74 @@ class ExactIndex:
                     path=file,
                 )
         return index
+
+
+def _columns_top_k(
+    q: np.ndarray,
+    cand: np.ndarray,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    rows: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ranking.top_k(q @ cand.T, k, exclude, rows)``, ROW_BLOCK queries at a time, each block
+    scored COLUMN_BLOCK candidates at a time (see MIN_CHUNK_ROWS)."""
+    n = len(cand)
+    if exclude is not None:
+        exclude, rows = ranking.exclude_rows(exclude, rows, len(q), n)
+    indices = np.empty((len(q), k), dtype=np.int64)
+    scores = np.empty((len(q), k), dtype=np.float32)
+    for start in range(0, len(q), ROW_BLOCK):
+        stop = min(start + ROW_BLOCK, len(q))
+        mask = None
+        if exclude is not None:
+            lo, hi = exclude.indptr[start], exclude.indptr[stop]
+            r = np.repeat(np.arange(stop - start), np.diff(exclude.indptr[start : stop + 1]))
+            c = exclude.indices[lo:hi].astype(np.int64)
+            order = np.argsort(c, kind="stable")
+            mask = (r[order], c[order])
+        indices[start:stop], scores[start:stop] = _row_block_top_k(q[start:stop], cand, k, mask)
+    return indices, scores
+
+
+def _row_block_top_k(
+    q: np.ndarray, cand: np.ndarray, k: int, mask: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Running top-k over candidate blocks, in index order. The first block is ranked by
+    ``ranking.top_k``; a later candidate enters only with a score strictly above the row's k-th
+    (an equal score loses the tie to the lower index already held), so the result is top_k's,
+    ties and padding included. ``mask``: (row, candidate) pairs to exclude, sorted by candidate."""
+    n = len(cand)
+    best_idx = best_top = None
+    for c0 in range(0, n, COLUMN_BLOCK):
+        c1 = min(c0 + COLUMN_BLOCK, n)
+        s = q @ cand[c0:c1].T
+        if mask is not None:
+            lo, hi = np.searchsorted(mask[1], [c0, c1])
+            s[mask[0][lo:hi], mask[1][lo:hi] - c0] = -np.inf
+        if best_idx is None or best_top is None:
+            idx, best_top = ranking.top_k(s, k)
+            best_idx = np.where(idx >= 0, idx + c0, -1)
+            continue
+        r, c = np.nonzero(s > best_top[:, -1:])
+        if len(r):
+            best_idx, best_top = _merge(best_idx, best_top, r, c + c0, s[r, c], k)
+    assert best_idx is not None and best_top is not None
+    return best_idx, best_top
+
+
+def _merge(
+    idx: np.ndarray, top: np.ndarray, r: np.ndarray, c: np.ndarray, s: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's best ``k`` of its current list and the new (row ``r``, candidate ``c``, score
+    ``s``) entries: score descending, then index ascending; -1 / -inf where nothing is left."""
+    rows = len(idx)
+    all_r = np.concatenate([np.repeat(np.arange(rows), k), r])
+    all_i = np.concatenate([idx.ravel(), c])
+    all_s = np.concatenate([top.ravel(), s.astype(np.float32, copy=False)])
+    order = np.lexsort((np.where(all_i < 0, np.iinfo(np.int64).max, all_i), -all_s, all_r))
+    counts = k + np.bincount(r, minlength=rows)
+    starts = np.cumsum(counts) - counts
+    take = order[(starts[:, None] + np.arange(k)).ravel()]
+    new_idx, new_top = all_i[take].reshape(rows, k), all_s[take].reshape(rows, k)
+    new_idx[np.isneginf(new_top)] = -1
+    return new_idx, new_top

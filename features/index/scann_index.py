@@ -230,7 +230,8 @@ class ScannIndex:
             cand.sort(axis=1)
             invalid = cand >= n
             invalid[:, 1:] |= cand[:, 1:] == cand[:, :-1]
-            gathered = self._candidates[np.minimum(cand, n - 1)]  # [rows, width, dim]
+            # np.take: the same rows as fancy indexing, about twice as fast on a large table
+            gathered = np.take(self._candidates, np.minimum(cand, n - 1), axis=0)
             exact = np.matmul(gathered, q[rows, :, None])[..., 0]
             exact[invalid] = -np.inf
             local, top = ranking.top_k(exact, k)

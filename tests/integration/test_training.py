@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from builders import clustered_dataset, clustered_matrix
 from mlflow import MlflowClient
 
@@ -150,9 +152,15 @@ def test_worse_run_and_final_run_leave_the_champion_alone(first_run, synth_data,
 def test_export_reloads_and_matches_the_in_memory_model(synth_data, tmp_path):
     # No user-id embedding: a known user's exported embedding is then exactly what the history
     # tower makes of their known tracks, which the reloaded SavedModel must reproduce.
-    cfg = _cfg(synth_data, "train.epochs=1", "model.use_user_id=false")
+    cfg = _cfg(synth_data, "train.epochs=1", "model.use_user_id=false", "train.optimizer=lazy_adam")
     data = prepare(cfg.data, cfg.split)
     result = fit(cfg, data.encoded, data.track_artist)
+    # What `tracktower train` does before export: the optimizer's moments are freed, and the
+    # model still exports everything checked below.
+    moments = [weakref.ref(v) for v in result.model.optimizer.variables]
+    assert len(moments) > 3
+    train_module.release_training_state(result.model)
+    assert [m for m in moments if m() is not None] == []
     enc = data.encoded
     exported = export_artifact(
         ExportInputs(
@@ -393,3 +401,37 @@ def test_full_softmax_learns():
     model.compile(optimizer=tf.keras.optimizers.Adam(0.02))
     losses = model.fit(clustered_dataset(x, "none"), epochs=3, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_user_embeddings_equal_the_eager_per_batch_reference(monkeypatch: pytest.MonkeyPatch):
+    """Users sorted by history length into large traced batches give what the query tower gives
+    eagerly, 1,024 users at a time padded to each batch's longest history (the former path),
+    for users without history, heavy users and users asked for twice, in the caller's order."""
+    from tracktower.training.pipeline import history_rows
+
+    rng = np.random.default_rng(5)
+    n_users, n_tracks = 1500, 900
+    lengths = np.minimum(rng.lognormal(3.0, 1.0, n_users).astype(int), 800)
+    lengths[:5] = 0
+    rows = np.repeat(np.arange(n_users), lengths)
+    known = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows, rng.integers(0, n_tracks, len(rows)))),
+        shape=(n_users, n_tracks),
+    )
+    known.sum_duplicates()
+    model = TwoTowerModel(ModelConfig(embedding_dim=16), n_users, n_tracks)
+    users = np.concatenate([rng.permutation(n_users), [3, 7, 7]])
+    want = []
+    for start in range(0, len(users), 1024):
+        batch = users[start : start + 1024]
+        feats = {
+            "user": tf.constant(batch.astype(np.int32) + 1),
+            "history": tf.constant(history_rows(known, batch)),
+        }
+        want.append(model.query_tower(feats).numpy())
+    monkeypatch.setattr(evaluate, "MAX_SLOTS", 5000)  # many batches, some of one heavy user
+    monkeypatch.setattr(evaluate, "MAX_USERS", 300)
+    got = evaluate.user_embeddings(model, known, users)
+    assert got.dtype == np.float32 and got.shape == (len(users), model.output_dim)
+    np.testing.assert_allclose(got, np.concatenate(want), atol=1e-5, rtol=0)
+    assert evaluate.user_embeddings(model, known, users[:0]).shape == (0, model.output_dim)

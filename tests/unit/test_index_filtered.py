@@ -12,7 +12,9 @@ from tracktower.features.index import (
     ScannIndex,
     overfetch_search,
     search_excluding,
+    top_lists,
 )
+from tracktower.features.index import exact as exact_module
 
 
 def integer_catalogue(seed: int, n: int, dim: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,3 +141,44 @@ def test_a_row_does_not_depend_on_the_exclusions_of_its_batch_mates() -> None:
     np.testing.assert_array_equal(a[0][1:], b[0][1:])
     np.testing.assert_array_equal(a[1][1:], b[1][1:])
     assert not set(b[0][0].tolist()) & set(nearest[0].tolist())
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_top_lists_equal_search_excluding_user_by_user(
+    blocked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export's lists are what the server's one-user search returns, for light users, heavy
+    ones (the exact fallback, collected over every block and searched at the end) and a nearly
+    full one; ``blocked`` also sends that fallback down ExactIndex's candidate-blocked path."""
+    if blocked:
+        monkeypatch.setattr(ranking, "SCORE_BUDGET", 256)
+        monkeypatch.setattr(exact_module, "ROW_BLOCK", 3)
+        monkeypatch.setattr(exact_module, "COLUMN_BLOCK", 700)
+    points, queries = integer_catalogue(6, n=3000, dim=8, batch=25)
+    exclude = exclusions(7, users=25, n=3000, heavy=2, full=3).tolil()
+    for user in (2, 11, 19):  # their 300 best tracks seen: beyond the over-fetch of 256
+        nearest, _ = ExactIndex(points).search(queries[user : user + 1], 300)
+        exclude[user, nearest[0]] = 1
+    exclude = sp.csr_matrix(exclude)
+    index = ScannIndex.build(points, {"leaves_to_search": 3, "reorder": 20, "reorder_per_k": 1})
+    fallback: list[list[int]] = []
+    search = ExactIndex.search
+
+    def spy(self: ExactIndex, q: np.ndarray, k: int, *args: object, **kw: object) -> object:
+        fallback.append(list(args[1]))  # type: ignore[call-overload]
+        return search(self, q, k, *args, **kw)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ExactIndex, "search", spy)
+        idx, top = top_lists(index, points, queries, 10, exclude, block=4)
+    assert len(fallback) == 1 and 3 in fallback[0] and len(fallback[0]) > 1  # once, at the end
+    assert idx.dtype == np.int32 and top.dtype == np.float32
+    exact = ExactIndex(points)
+    for user in range(25):
+        one = search_excluding(index, exact, queries[user : user + 1], 10, exclude, [user])
+        np.testing.assert_array_equal(idx[user], one[0][0])
+        np.testing.assert_array_equal(top[user], one[1][0])
+    want = ranking.top_k(queries @ points.T, 10, exclude)
+    for user in fallback[0]:
+        np.testing.assert_array_equal(idx[user], want[0][user])
+    assert idx[3, 3:].tolist() == [-1] * 7

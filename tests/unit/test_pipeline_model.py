@@ -179,6 +179,25 @@ def test_untied_track_embeddings_give_the_history_its_own_table():
     assert untied.query_tower.track_embedding is not untied.candidate_tower.track_embedding
 
 
+def test_history_pooling_through_distinct_rows_is_the_masked_mean_and_its_gradient():
+    cfg = ModelConfig(embedding_dim=4, use_user_id=False, tie_track_embeddings=False)
+    model = TwoTowerModel(cfg, 3, 6)
+    table = model.query_tower.track_embedding.embeddings
+    history = tf.constant([[1, 2, 2, 0], [3, 1, 0, 0], [0, 0, 0, 0]])
+    with tf.GradientTape() as tape:
+        pooled = model.query_tower.pool(history)
+        loss = tf.reduce_sum(pooled * tf.range(1.0, 5.0))
+    grad = tf.convert_to_tensor(tape.gradient(loss, table)).numpy()
+    rows = table.numpy()
+    expected = np.stack([(rows[1] + 2 * rows[2]) / 3, (rows[3] + rows[1]) / 2, np.zeros(4)])
+    np.testing.assert_allclose(pooled.numpy(), expected, rtol=1e-6)
+    # d loss / d row: its count in each history over that history's length, times (1..4)
+    weight = np.zeros(7)
+    weight[[1, 2]] += [1 / 3, 2 / 3]
+    weight[[3, 1]] += [1 / 2, 1 / 2]
+    np.testing.assert_allclose(grad, weight[:, None] * np.arange(1.0, 5.0), rtol=1e-6)
+
+
 def test_track_bias_is_one_more_column_so_scores_stay_dot_products():
     cfg = ModelConfig(embedding_dim=4, use_user_id=False, track_bias=True, temperature=0.1)
     model = TwoTowerModel(cfg, 3, 5)

@@ -117,3 +117,38 @@ def test_stage_timer_records_finished_stages_only():
         raise KeyboardInterrupt
     assert set(timer.seconds) == {"prepare"}
     assert timer.seconds["prepare"] >= 0.0
+
+
+def test_release_after_fit_frees_the_rows_and_keeps_what_export_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before export: the optimizer state goes (train.release_training_state, stubbed here so
+    this stays free of TensorFlow) and the interaction rows too, while ``stats`` and the
+    encoded data the export and evaluation read stay as they were."""
+    import types
+
+    import pandas as pd
+
+    from tracktower.training.data import Prepared
+
+    released: list[object] = []
+    fake = types.ModuleType("tracktower.training.train")
+    fake.release_training_state = released.append  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, "tracktower.training.train", fake)
+    rows = pd.DataFrame({"user_id": ["u1", "u1", "u2", "u2", "u2", "u1", "u2"]})
+    data = Prepared(
+        interactions=rows,
+        tracks=None,
+        labels=np.array([0, 0, 0, 0, 1, 2, 2], dtype=np.int8),
+        encoded=_encoded(),  # type: ignore[arg-type]
+        fingerprint="f",
+        source="s",
+        track_artist=None,
+    )
+    model = object()
+    result = types.SimpleNamespace(model=model)
+    after = stages.release_after_fit(data, result)  # type: ignore[arg-type]
+    assert released == [model]
+    assert after.stats == data.stats and after.stats["rows"] == 7
+    assert after.encoded is data.encoded and after.fingerprint == "f"
+    assert len(after.interactions.columns) == 0 and after.interactions.memory_usage().sum() < 200
