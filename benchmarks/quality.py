@@ -6,6 +6,7 @@ Usage (from the repository root):
     python benchmarks/quality.py                         # 3 datasets x seeds 0,1,2, full grids
     python benchmarks/quality.py --quick --datasets msd  # smoke run: a few minutes
     python benchmarks/quality.py --datasets mpd-artist --systems ease,ials --seeds 0,1,2,3,4
+    python benchmarks/quality.py --systems tracktower-tuned          # tune, then fit (opt-in)
 
 **Protocol.** Per dataset and seed there is ONE prepared split (``training.data.prepare``, the
 loader ``train`` uses): a k-core, then a seeded per-user holdout of 20% TEST and 10% VAL, the rest
@@ -15,6 +16,15 @@ point on TEST), the two-tower models' epoch (early stopping on validation Recall
 scored once per system and seed, with TRAIN+VAL excluded from every system's lists. Test metrics
 are reported per seed and as mean ± sample standard deviation (ddof=1) over seeds.
 
+**tracktower after tune** (``tracktower-tuned``; not part of ``--systems all``, whose meaning
+predates it: name it, e.g. ``--systems all,tracktower-tuned`` or ``--systems tracktower,
+tracktower-tuned``). Per dataset and seed, ``tracktower tune``'s search runs on the same split
+with its TEST emptied (trials fit on TRAIN, judged on VAL), within ``--tune-budget`` seconds
+(default 900, the issue's 15 minutes; ``--quick``: 60) and ``--tune-trials`` trials (default 50;
+``--quick``: 3), each trial an MLflow child run; the best config is then fitted like
+``tracktower`` (epoch on VAL, TEST once). Its table row reads "tracktower (after tune, N s)" and
+it is compared with the best peer as tracktower is; it is never counted as a peer.
+
 **Datasets** (``--data-root``, default ``../shared/data``): ``mpd`` (mpd-subset, 5-core),
 ``msd`` (msd-sample, 2-core, play counts), ``mpd-artist`` (mpd-subset aggregated to playlist x
 artist by ``features.aggregate.to_artist_level``, weight = the artist's tracks in the playlist,
@@ -22,8 +32,9 @@ artist by ``features.aggregate.to_artist_level``, weight = the artist's tracks i
 skipped with a warning, or fails the run when ``CI=true``.
 
 The Markdown table (per dataset: test R@20 and NDCG@10 as mean ± std, the selected parameters,
-fit seconds, and tracktower / best peer) is printed and stored, with every seed's figures and
-every grid point tried (with its validation figures), in ``benchmarks/results/quality.json``.
+fit seconds, and each tracktower row's ratio to the best peer) is printed and stored, with every
+seed's figures and every grid point tried (with its validation figures), in
+``benchmarks/results/quality.json``.
 Each grid point and each two-tower fit is an MLflow run in the experiment ``tracktower-quality``.
 """
 
@@ -57,10 +68,15 @@ SUMMARY_METRICS = (
     *("ndcg_at_10", "ndcg_at_100"),
 )
 TRACKTOWER = "tracktower"
+TUNED = "tracktower-tuned"  # tracktower after `tune` within --tune-budget
+OURS = (TRACKTOWER, TUNED)  # compared with the best peer; never peers themselves
 # Systems in table order; the two-tower ones are imported only when asked for.
 BASELINE_NAMES = ("popular", "ease", "ials", "rp3beta")
-TWO_TOWER_NAMES = ("tfrs-tutorial", TRACKTOWER)
+TWO_TOWER_NAMES = ("tfrs-tutorial", TRACKTOWER, TUNED)
+OPT_IN = (TUNED,)  # run only when named: "all" keeps the meaning it had before them
 QUICK_MAX_EPOCHS = 2
+TUNE_BUDGET, TUNE_TRIALS = 900.0, 50  # the issue's cap: 15 minutes of search
+QUICK_TUNE_BUDGET, QUICK_TUNE_TRIALS = 60.0, 3
 
 
 @dataclass(frozen=True)
@@ -140,8 +156,11 @@ class BenchContext:
     seed: int
     quick: bool
     threads: int
+    grids: str = "full"  # training.baselines.runner.GRID_SIZES key (--quick: "quick")
     max_epochs: int | None = None
     cold_start: bool = False
+    tune_budget: float = TUNE_BUDGET  # tracktower-tuned: seconds of search per (dataset, seed)
+    tune_trials: int = TUNE_TRIALS
     ks: tuple[int, ...] = DEFAULT_KS
     params: dict[str, Any] = field(default_factory=dict)  # data/split params logged on each run
 
@@ -172,7 +191,7 @@ def baseline_grid(name: str, ctx: BenchContext) -> list[dict[str, Any]]:
     data ``grid_for`` also tries iALS with log confidence at every point."""
     from tracktower.training.baselines.runner import grid_for
 
-    return grid_for(name, ctx.data.encoded.train, quick=ctx.quick)
+    return grid_for(name, ctx.data.encoded.train, quick=ctx.quick, size=ctx.grids)
 
 
 def _point_row(r: Any) -> dict[str, Any]:
@@ -267,8 +286,17 @@ def summarise(seeds: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             },
             "selected": {seed: format_params(system, r["params"]) for seed, r in runs},
             "fit_seconds": statistics.fmean(r["fit_seconds"] for _, r in runs),
+            "label": system_label(system, [r for _, r in runs]),
         }
     return summary
+
+
+def system_label(system: str, runs: Sequence[dict[str, Any]]) -> str:
+    """The table's name for a system: tracktower-tuned says its search budget (per seed)."""
+    if system != TUNED:
+        return system
+    budgets = sorted({float(r.get("extra", {}).get("tune_budget_seconds", 0)) for r in runs})
+    return f"tracktower (after tune, {'/'.join(f'{b:g}' for b in budgets)} s)"
 
 
 def format_params(system: str, params: dict[str, Any]) -> str:
@@ -278,19 +306,22 @@ def format_params(system: str, params: dict[str, Any]) -> str:
 
         name = run_name_for({"model": system, **params}).removeprefix(system).strip()
         return name or "—"
+    if system == TUNED and "tuned" in params:
+        return f"{params['tuned']}; epoch {params.get('epoch', '?')}"
     if "epoch" in params:
         return f"epoch {params['epoch']}"
     return " ".join(f"{k}={v}" for k, v in params.items()) or "—"
 
 
 def best_peers(summary: dict[str, dict[str, Any]]) -> dict[str, tuple[str, float]]:
-    """Per table metric, the non-tracktower system with the highest mean."""
+    """Per table metric, the system with the highest mean that is not tracktower (defaults or
+    tuned: both are compared with the peers, neither is one)."""
     out = {}
     for metric in ("recall_at_20", "ndcg_at_10"):
         peers = [
             (s["metrics"][metric]["mean"], name)
             for name, s in summary.items()
-            if name != TRACKTOWER and metric in s["metrics"]
+            if name not in OURS and metric in s["metrics"]
         ]
         if peers:
             value, name = max(peers)
@@ -308,7 +339,8 @@ def _cell(stat: dict[str, Any] | None) -> str:
 
 
 def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
-    """Rows = systems; test R@20 and NDCG@10 as mean ± std; tracktower / best peer."""
+    """Rows = systems; test R@20 and NDCG@10 as mean ± std; for tracktower and
+    tracktower-tuned, its ratio to the best peer (the last column)."""
     peers = best_peers(summary)
     lines = [
         f"**{title}**",
@@ -327,14 +359,14 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
             else [f"{seed}: {value}" for seed, value in s["selected"].items()]
         )
         ratio = ""
-        if name == TRACKTOWER and peers:
+        if name in OURS and peers:
             parts = [
                 f"{s['metrics'][m]['mean'] / peers[m][1]:.2f}x" if m in peers else "—"
                 for m in ("recall_at_20", "ndcg_at_10")
             ]
             ratio = " / ".join(parts)
         lines.append(
-            f"| {name} | {_cell(s['metrics'].get('recall_at_20'))} | "
+            f"| {s.get('label', name)} | {_cell(s['metrics'].get('recall_at_20'))} | "
             f"{_cell(s['metrics'].get('ndcg_at_10'))} | {chosen} | {s['fit_seconds']:.1f} | "
             f"{ratio} |"
         )
@@ -409,12 +441,16 @@ def run_seed(
         seed=seed,
         quick=args.quick,
         threads=args.threads,
+        grids=args.grids,
         max_epochs=args.max_epochs,
         cold_start=args.cold_start,
+        tune_budget=args.tune_budget,
+        tune_trials=args.tune_trials,
         params={
             "data": {**data_cfg.model_dump(mode="json"), "dataset": spec.key},
             "split": split_cfg.model_dump(),
             "benchmark": "quality" + (" quick" if args.quick else ""),
+            "grids": "quick" if args.quick else args.grids,
         },
     )
     results = []
@@ -493,6 +529,22 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    """An argparse type: a number > 0 (``--tune-budget``, ``--tune-trials``), else one line."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0 or value == float("inf"):
+            name = "an integer >= 1" if kind is int else "a number of seconds > 0"
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -515,11 +567,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"tiny grids, seed 0 only, at most {QUICK_MAX_EPOCHS} epochs (smoke run)",
     )
     p.add_argument(
+        "--grids",
+        choices=("full", "focused"),
+        default="full",
+        help="baseline grids: the runner's full GRIDS, or FOCUSED_GRIDS (about a third of the "
+        "time on MPD, around its seed-0 choices; for repeating over seeds); --quick: tiny ones",
+    )
+    p.add_argument(
         "--systems",
         default="all",
-        help="'all', 'baselines' (no TensorFlow), or a comma list of: "
+        help="'all' (every system but "
+        + ", ".join(OPT_IN)
+        + ", which runs only when named), 'baselines' (no TensorFlow), or a comma list of: "
         + ", ".join([*BASELINE_NAMES, *TWO_TOWER_NAMES])
-        + "; a subset is merged into an existing --output",
+        + " (may include 'all'); a subset is merged into an existing --output",
     )
     p.add_argument("--seeds", type=_seeds, default=None, help="split seeds (default 0,1,2)")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on two-tower epochs")
@@ -527,6 +588,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--cold-start",
         action="store_true",
         help="also measure tracktower's cold start on mpd (a second fit per seed)",
+    )
+    p.add_argument(
+        "--tune-budget",
+        type=_positive(float),
+        default=None,
+        help=f"{TUNED}: seconds of search per dataset and seed (default {TUNE_BUDGET:g}, "
+        f"the issue's cap; --quick: {QUICK_TUNE_BUDGET:g})",
+    )
+    p.add_argument(
+        "--tune-trials",
+        type=_positive(int),
+        default=None,
+        help=f"{TUNED}: most trials per search (default {TUNE_TRIALS}; --quick: "
+        f"{QUICK_TUNE_TRIALS})",
     )
     p.add_argument("--threads", type=int, default=0, help="iALS threads (0 = all cores)")
     p.add_argument("--experiment", default=EXPERIMENT)
@@ -538,17 +613,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.seeds = [0] if args.quick else [0, 1, 2]
     if args.quick and args.max_epochs is None:
         args.max_epochs = QUICK_MAX_EPOCHS
+    if args.tune_budget is None:
+        args.tune_budget = QUICK_TUNE_BUDGET if args.quick else TUNE_BUDGET
+    if args.tune_trials is None:
+        args.tune_trials = QUICK_TUNE_TRIALS if args.quick else TUNE_TRIALS
     return args
 
 
 def wanted_systems(systems: str) -> Callable[[str], bool]:
-    """``--systems``: 'all', 'baselines', or a comma list of system names."""
+    """``--systems``: 'all' (every system but the opt-in ones, ``OPT_IN``), 'baselines', or a
+    comma list of system names, which may include 'all' (``all,tracktower-tuned``)."""
     names = {s.strip() for s in systems.split(",") if s.strip()}
-    if systems == "all":
-        return lambda name: True
     if systems == "baselines":
         return lambda name: name in BASELINE_NAMES
-    return lambda name: name in names
+    every = "all" in names
+    return lambda name: name in names or (every and name not in OPT_IN)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -560,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keys = [k.strip() for k in args.datasets.split(",") if k.strip()]
     unknown = [k for k in keys if k not in specs]
     known_systems = {*BASELINE_NAMES, *TWO_TOWER_NAMES}
-    bad = [s for s in args.systems.split(",") if s.strip() not in known_systems]
+    bad = [s for s in args.systems.split(",") if s.strip() not in {*known_systems, "all"}]
     if unknown or not keys:
         print(f"error: --datasets: unknown {unknown}; choose from {sorted(specs)}", file=sys.stderr)
         return 2
@@ -583,8 +662,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
+        "grids": "quick" if args.quick else args.grids,
         "seeds": args.seeds,
         "max_epochs": args.max_epochs,
+        "tune": {"budget_seconds": args.tune_budget, "max_trials": args.tune_trials},
         "experiment": args.experiment,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "libraries": _versions(),

@@ -1,4 +1,5 @@
-"""Two-tower entries for ``benchmarks/quality.py``: the plain TFRS tutorial and tracktower.
+"""Two-tower entries for ``benchmarks/quality.py``: the plain TFRS tutorial, tracktower, and
+tracktower after ``tune`` (``tracktower-tuned``, run only when asked for by name).
 
 Both train on the TRAIN part of the benchmark's one prepared split per (dataset, seed), the very
 object the baselines get, so every system sees the same rows. Each picks its epoch on the VAL
@@ -8,12 +9,17 @@ not contain, which is what the baselines' test lists exclude too.
 
 :func:`fit_and_test` is the one fit-then-score step (``benchmarks/training.py``'s
 ``run_system`` can share it), :func:`fit_and_score` the same inside an MLflow run.
+:func:`tuned` is ``tracktower-tuned``: ``tracktower tune``'s search
+(:func:`tracktower.training.tune.tune`) on the same prepared split, its test partition emptied
+so that the trials see TRAIN and VAL only, within the benchmark's budget; then the best config
+fitted and scored like ``tracktower``.
 :func:`cold_start` is the optional cold-start entry (``quality.py --cold-start``): it costs a
 second fit on 90% of the users, so the default run leaves it out.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +57,26 @@ TUTORIAL = [
 # Its epochs chosen on VAL: at most 10 (a constant learning rate has no natural end), stopped
 # after 2 without a better validation Recall@20, as configs/mpd.yaml stops tracktower.
 TUTORIAL_EPOCHS = ["train.epochs=10", "train.early_stopping.patience=2"]
+
+TUNED = "tracktower-tuned"
+# Short names of the searched keys for the table's "selected" column (in this order).
+SHORT_PARAMS = {
+    "train.learning_rate": "lr",
+    "train.lr_schedule": "sched",
+    "train.batch_size": "batch",
+    "train.epochs": "epochs",
+    "train.weighting": "weight",
+    "model.embedding_dim": "d",
+    "model.temperature": "T",
+    "model.track_bias": "bias",
+    "model.tie_track_embeddings": "tied",
+    "model.query_layers": "query",
+    "model.history_max_len": "hist",
+    "model.use_user_id": "uid",
+    "model.user_id_dropout": "uid_drop",
+    "model.negatives": "neg",
+    "model.uniform_negatives": "uniform",
+}
 
 
 @dataclass
@@ -249,8 +275,105 @@ def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     }
 
 
+def short_params(params: Mapping[str, Any]) -> str:
+    """The best trial's values in a few characters each ("lr=0.0031 T=0.083 d=64 ...")."""
+    order = list(SHORT_PARAMS)
+    keys = sorted(params, key=lambda k: (order.index(k) if k in order else len(order), k))
+    parts = []
+    for key in keys:
+        value = params[key]
+        text = f"{value:.3g}" if isinstance(value, float) else str(value).lower()
+        parts.append(f"{SHORT_PARAMS.get(key, key.rsplit('.', 1)[-1])}={text}")
+    return " ".join(parts) or "the input config"
+
+
+def tune_for(ctx: Any) -> tuple[Any, float]:
+    """``tracktower tune`` on the benchmark's config for this seed (``config(ctx, [])``) and on
+    ``ctx.data`` itself (tune empties its TEST; trials are judged on VAL), within
+    ``ctx.tune_budget`` seconds and ``ctx.tune_trials`` trials, in the benchmark's experiment;
+    the YAML goes to a temporary directory. With ``--max-epochs`` the epochs are that cap,
+    fixed, not searched. Returns the result and the search's wall seconds; Ctrl-C ends the
+    benchmark, and a search with no complete trial is an error."""
+    from tracktower.training import tracking, tune
+
+    cfg = config(ctx, [f"experiment={ctx.experiment}"])
+    fixed = frozenset({"train.epochs"} if ctx.max_epochs else ())
+    tracking.configure(ctx.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="tracktower-quality-tune-") as tmp:
+        options = tune.TuneOptions(
+            trials=ctx.tune_trials,
+            timeout=ctx.tune_budget,
+            out=Path(tmp) / "best.yaml",
+            seed=ctx.seed,
+            fixed=fixed,
+            run_name=f"tune {ctx.spec.name} seed={ctx.seed}",
+        )
+        started = time.perf_counter()
+        result = tune.tune(cfg, options, data=ctx.data)
+        seconds = time.perf_counter() - started
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if result.best_config is None:
+        raise RuntimeError(
+            f"{TUNED}: no trial completed in {ctx.tune_budget:g} s ({result.n_trials} trials, "
+            f"parent run {result.run_id})"
+        )
+    return result, seconds
+
+
+def tuned(ctx: Any, result_cls: Any) -> Any:
+    """``tracktower-tuned`` for one (dataset, seed): :func:`tune_for`, then the best config
+    through :func:`fit_and_score` like ``tracktower`` (epoch on VAL, TEST scored once), its run
+    tagged ``tune_run_id``. ``fit_seconds`` is the final fit's; the search's time is in
+    ``extra.tune_seconds``."""
+    search, seconds = tune_for(ctx)
+    cfg = search.best_config
+    score = fit_and_score(
+        cfg,
+        ctx.data,
+        ks=ctx.ks,
+        experiment=ctx.experiment,
+        run_name=f"{TUNED} seed={ctx.seed}",
+        tags={
+            "system": TUNED,
+            "dataset": ctx.spec.name,
+            "seed": str(ctx.seed),
+            "tune_run_id": search.run_id,
+        },
+        dataset_name=ctx.spec.name,
+        tracking_uri=ctx.tracking_uri,
+        params=ctx.params,
+    )
+    extra = {
+        "epochs_run": score.epochs_run,
+        "tune_seconds": round(seconds, 1),
+        "tune_budget_seconds": ctx.tune_budget,
+        "tune_max_trials": ctx.tune_trials,
+        "n_trials": search.n_trials,
+        "n_complete": search.n_complete,
+        "n_pruned": search.n_pruned,
+        f"best_{search.metric}": search.best_value,
+        "tune_run_id": search.run_id,
+        "best_params": search.best_params,
+    }
+    return result_cls(
+        system=TUNED,
+        params={
+            "tuned": short_params(search.best_params),
+            "epoch": f"{score.best_epoch}/{cfg.train.epochs}",
+        },
+        metrics=score.metrics,
+        val_metrics=score.val,
+        fit_seconds=score.fit_seconds,
+        run_id=score.run_id,
+        grid=[{"epoch": i + 1, **row} for i, row in enumerate(score.history)],
+        extra=extra,
+    )
+
+
 def systems(ctx: Any, system_cls: Any, result_cls: Any) -> list[Any]:
-    """``tfrs-tutorial`` and ``tracktower`` (configs/mpd.yaml defaults) as quality.py systems."""
+    """``tfrs-tutorial``, ``tracktower`` (configs/mpd.yaml defaults) and ``tracktower-tuned``
+    (:func:`tuned`) as quality.py systems."""
 
     def make(name: str, overrides: list[str], label: str) -> Any:
         def run(ctx: Any) -> Any:
@@ -286,4 +409,5 @@ def systems(ctx: Any, system_cls: Any, result_cls: Any) -> list[Any]:
     return [
         make("tfrs-tutorial", [*TUTORIAL, *TUTORIAL_EPOCHS], "TFRS tutorial (dim 32, Adagrad)"),
         make("tracktower", [], "configs/mpd.yaml"),
+        system_cls(TUNED, lambda ctx: tuned(ctx, result_cls)),
     ]

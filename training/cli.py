@@ -1,6 +1,6 @@
 """``tracktower train``, ``tracktower evaluate`` and ``tracktower register``: the training stages
 (:mod:`tracktower.training.stages`) as commands; ``tracktower tune``: the hyperparameter search
-(:mod:`tracktower.training.tune`).
+(:mod:`tracktower.training.tune`), which ``train --tune-trials`` also runs before it trains.
 
 The root command line (:mod:`tracktower.features.cli`) imports this module only for these
 commands. Heavy imports stay inside the commands, and the data is read and validated before
@@ -10,9 +10,11 @@ TensorFlow is imported, so a bad file is reported in about a second (except in a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -23,7 +25,8 @@ from tracktower.features.cli import guarded, setup_logging
 if TYPE_CHECKING:
     from tracktower.training.config import ExperimentConfig
     from tracktower.training.launcher import Role
-    from tracktower.training.tune import TuneResult
+    from tracktower.training.stages import TrainSummary
+    from tracktower.training.tune import TuneOptions, TuneResult
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -56,12 +59,51 @@ SummaryOpt = Annotated[
     Path | None, typer.Option(help="Write run id, model URI, champion and metrics as JSON.")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        help="Continue the newest run of this same command that died after backing up an "
+        "epoch: its MLflow run, from that epoch (a new run when there is none)."
+    ),
+]
+LocalWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Run as N multi-worker processes on this machine (TF_CONFIG on loopback "
+        "ports, train.strategy=multi_worker); exits with the chief's status.",
+        show_default=False,
+    ),
+]
+TuneTrialsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="First search the hyperparameters with this many trials (as `tracktower tune`, "
+        "on the standard split's validation, --set keys fixed), then train the best config.",
+        show_default=False,
+    ),
+]
+TuneTimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds the --tune-trials search may take (default 900).", show_default=False
+    ),
+]
+TuneOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Keep the --tune-trials search's best config as this YAML (default: a temporary "
+        "file, removed after training).",
+        show_default=False,
+    ),
+]
 
 DEFAULT_CONFIG = Path("configs/default.yaml")
 # The run finished but its model did not pass the registration gate (training/champion.py).
 EXIT_NOT_REGISTERED = 3
 # A multi-worker job lost a worker (launcher.WorkerLost): restarting with --resume continues it.
 EXIT_WORKER_LOST = 4
+# `tune --timeout` / `train --tune-timeout` default: the issue's budget of 15 minutes.
+DEFAULT_TUNE_TIMEOUT = 900.0
 
 
 def experiment_config(
@@ -104,33 +146,26 @@ def train(
     baseline: Annotated[
         bool, typer.Option(help="Log the popularity baseline (once per dataset and split).")
     ] = True,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            help="Continue the newest run of this same command that died after backing up an "
-            "epoch: its MLflow run, from that epoch (a new run when there is none)."
-        ),
-    ] = False,
-    local_workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Run as N multi-worker processes on this machine (TF_CONFIG on loopback "
-            "ports, train.strategy=multi_worker); exits with the chief's status.",
-            show_default=False,
-        ),
-    ] = None,
+    resume: ResumeOpt = False,
+    local_workers: LocalWorkersOpt = None,
+    tune_trials: TuneTrialsOpt = None,
+    tune_timeout: TuneTimeoutOpt = None,
+    tune_out: TuneOutOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the two-tower model, evaluate it, export it and register it in MLflow.
 
     With ``TF_CONFIG`` set and ``train.strategy=multi_worker``, this process is one worker of a
     cluster: the chief trains, exports and registers; the others only train with it.
+    With ``--tune-trials`` the search runs first and its best config is trained (:func:`_chief`).
     """
     from tracktower.training import launcher, tracking
 
     cfg = experiment_config(
         config, set_, interactions, tracks, experiment=experiment, run_name=run_name
     )
+    multi_worker = local_workers is not None or cfg.train.strategy == "multi_worker"
+    _check_tune_flags(tune_trials, tune_timeout, tune_out, multi_worker, resume)
     setup_logging(verbose)
     if local_workers is not None:
         launcher.check(local_workers, cfg.train.strategy)
@@ -139,13 +174,16 @@ def train(
     role = _cluster_role(cfg)
     from tracktower.training import stages
 
+    tuning = None if tune_trials is None else (tune_trials, tune_timeout, tune_out)
     try:
         if not role.chief:
             stages.train_worker(cfg, final=final)
             return
-        result = stages.train(
+        result = _chief(
             cfg,
-            config_path=config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None),
+            config,
+            set_,
+            tuning,
             final=final,
             promote=promote,
             baseline=baseline,
@@ -159,6 +197,131 @@ def train(
     for name, value in result.metrics.items():
         typer.echo(f"  test {name:16s} {_number(name, value)}")
     _outcome(result.run_id, result.model_uri, result.champion, result.champion_reason)
+
+
+def _chief(
+    cfg: ExperimentConfig,
+    config: Path | None,
+    overrides: list[str] | None,
+    tuning: tuple[int, float | None, Path | None] | None,
+    *,
+    final: bool,
+    promote: bool | None,
+    baseline: bool,
+    resume: bool,
+) -> TrainSummary:
+    """The chief's ``train``. With ``tuning`` (``--tune-trials``, ``--tune-timeout``,
+    ``--tune-out``) the search of ``tracktower tune`` runs first, on the standard split (also
+    for ``--final``: it needs a validation split), ``--set`` keys fixed; the best trial's
+    config is then trained, logged as the run's config (its YAML as the config file) and the
+    run tagged ``tune_run_id``. A search interrupted or without a complete trial trains
+    nothing (exit 130 or 1)."""
+    from tracktower.training import stages
+
+    config_path = config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    with contextlib.ExitStack() as scope:
+        tags: dict[str, str] = {}
+        if tuning is not None:
+            options = _train_tune_options(config, overrides, *tuning, scope)
+            cfg, config_path, tags = _tune_before_training(cfg, options)
+        return stages.train(
+            cfg,
+            config_path=config_path,
+            final=final,
+            promote=promote,
+            baseline=baseline,
+            resume=resume,
+            tags=tags,
+        )
+
+
+def _check_tune_flags(
+    trials: int | None,
+    timeout: float | None,
+    out: Path | None,
+    multi_worker: bool,
+    resume: bool,
+) -> None:
+    """``train``'s ``--tune-*`` flags, checked before any data is read. A multi-worker run
+    (``--local-workers`` or ``train.strategy=multi_worker``) is refused: the search trains its
+    trials on this machine only, and the other workers would wait for a fit that comes late."""
+    from tracktower.features.errors import DataError
+    from tracktower.training import tune as tuning
+
+    if trials is None:
+        given = [f for f, v in (("--tune-timeout", timeout), ("--tune-out", out)) if v is not None]
+        if given:
+            raise DataError(f"{given[0]}: only with --tune-trials N")
+        return
+    flags = ("--tune-trials", "--tune-timeout")
+    tuning.check_budget(trials, DEFAULT_TUNE_TIMEOUT if timeout is None else timeout, flags=flags)
+    if out is not None and out.is_dir():
+        raise DataError("--tune-out: expected a YAML file path, got a directory", path=out)
+    if multi_worker:
+        raise DataError(
+            "--tune-trials: the search trains its trials on this machine, not with "
+            "--local-workers or train.strategy=multi_worker; run `tracktower tune --out "
+            "best.yaml` first, then `tracktower train --config best.yaml --local-workers N`"
+        )
+    if resume:
+        raise DataError(
+            "--tune-trials: a new search would change the config that --resume continues; "
+            "train the kept config instead (--tune-out best.yaml, then --config best.yaml "
+            "--resume)"
+        )
+
+
+def _train_tune_options(
+    config: Path | None,
+    overrides: list[str] | None,
+    trials: int,
+    timeout: float | None,
+    out: Path | None,
+    scope: contextlib.ExitStack,
+) -> TuneOptions:
+    """``train --tune-trials``'s search options, as ``tracktower tune`` would take them: the
+    ``--set`` keys fixed, the YAML keeping the input config's data paths, written to ``out`` or
+    to a file in a temporary directory that ``scope`` removes after training (it is logged as
+    the run's config file, named after the input config: ``<stem>-tuned.yaml``)."""
+    from tracktower.training import tune as tuning
+
+    written = experiment_config(config, overrides)
+    stem = config.stem if config is not None else "default"
+    if out is None:
+        tmp = scope.enter_context(tempfile.TemporaryDirectory(prefix="tracktower-tune-"))
+        out = Path(tmp) / f"{stem}-tuned.yaml"
+    return tuning.TuneOptions(
+        trials=trials,
+        timeout=DEFAULT_TUNE_TIMEOUT if timeout is None else timeout,
+        out=out,
+        seed=written.train.seed,
+        fixed=tuning.fixed_keys(overrides or []),
+        run_name=f"tune {stem} {trials} trials (train)",
+        interactions_path=written.data.interactions,
+        tracks_path=written.data.tracks,
+    )
+
+
+def _tune_before_training(
+    cfg: ExperimentConfig, options: TuneOptions
+) -> tuple[ExperimentConfig, Path, dict[str, str]]:
+    """The search on ``cfg``'s standard split; returns the best config, its YAML (the config
+    file the training run logs) and the training run's ``tune_run_id`` tag. A search that left
+    no config ends the command: exit 130 when interrupted, else 1, one line on stderr."""
+    from tracktower.training import tune as tuning
+
+    _optuna_logs_through_logging()
+    try:
+        result = tuning.tune_for_train(cfg, options)
+    except tuning.SearchIncomplete as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(130 if exc.interrupted else 1) from None
+    assert result.best_config is not None and result.out is not None  # tune_for_train's promise
+    typer.echo(
+        f"tuned: best {result.metric} {result.best_value:.4f} (trial {result.best_trial} of "
+        f"{result.n_trials}; parent run {result.run_id}) → training {result.out}"
+    )
+    return result.best_config, result.out, {"tune_run_id": result.run_id}
 
 
 def _cluster_role(cfg: ExperimentConfig) -> Role:
@@ -285,7 +448,7 @@ def tune(
             help="Seconds the whole search may take: no trial starts after it, and a running "
             "one stops after its current epoch."
         ),
-    ] = 900.0,
+    ] = DEFAULT_TUNE_TIMEOUT,
     out: Annotated[
         Path,
         typer.Option(

@@ -66,6 +66,11 @@ class ModelConfig(_Strict):
     # Fraction of training examples whose user id is hidden, so the query tower also learns to
     # answer from listening history alone (the cold-start "session" path at serving time).
     user_id_dropout: float = Field(0.2, ge=0.0, le=1.0)
+    # Fraction of the history's tracks hidden from each training example (a fresh draw every
+    # step), a denoising regulariser: the query must be right from part of the history, which
+    # is what keeps a model on dense data from memorising each user's exact set. Serving and
+    # evaluation always read the whole history.
+    history_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     history_max_len: int = Field(100, ge=1)
     # One track table for the pooled history and the candidates (tied), or one each (untied,
     # as word2vec's input/output vectors): untied doubles the table but decouples the roles.

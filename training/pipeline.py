@@ -229,6 +229,7 @@ def training_dataset(
     history_max_len: int,
     user_id_dropout: float,
     seed: int,
+    history_dropout: float = 0.0,
     shuffle_buffer: int = 1 << 18,
     with_history: bool = True,
     max_steps: int | None = None,
@@ -239,6 +240,8 @@ def training_dataset(
     Memory: ``shuffle_buffer`` examples in flight, the per-track ``log_q`` table and, with
     histories, the ``users x (history_max_len + 1)`` table; never the examples themselves.
     A heavy user's table row is one seeded random subset of their tracks, the same every epoch.
+    ``history_dropout`` hides that fraction of each example's history tracks (padding from then
+    on), drawn again at every step.
     """
     steps = steps_per_epoch(len(examples), batch_size, max_steps)
     log_q = tf.constant(examples.track_log_q)
@@ -253,7 +256,11 @@ def training_dataset(
             "log_q": tf.gather(log_q, track),
         }
         if table is not None:
-            out["history"] = _training_history(table, user, track, history_max_len)
+            hist = _training_history(table, user, track, history_max_len)
+            if history_dropout > 0:
+                keep = tf.random.uniform(tf.shape(hist)) >= history_dropout
+                hist = tf.where(keep, hist, tf.zeros_like(hist))
+            out["history"] = hist
         if user_id_dropout > 0:
             hide = tf.random.uniform(tf.shape(user)) < user_id_dropout
             out["user"] = tf.where(hide, tf.zeros_like(user), user)

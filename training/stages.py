@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -455,8 +455,12 @@ def train(
     promote: bool | None = None,
     baseline: bool = True,
     resume: bool = False,
+    tags: Mapping[str, str] | None = None,
 ) -> TrainSummary:
     """``tracktower train``: the stages above in order, inside one MLflow run.
+
+    ``tags``: extra tags of the training run, e.g. ``tune_run_id`` when ``cfg`` is the best
+    config of a search run just before (``train --tune-trials``, composed by the CLI).
 
     The checkpoint directory is checked first, so a bad one fails before any data is read.
     ``resume``: continue the newest run of this same command (same :func:`checkpoints.run_key`)
@@ -479,12 +483,12 @@ def train(
         )
     name = run_name(cfg, config_path, final=final)
     key = checkpoints.run_key(cfg, data.fingerprint, final=final, workers=launcher.role().workers)
-    tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
-    tags[checkpoints.KEY_TAG] = key
+    run_tags = {"system": "two_tower", "model": "two_tower", "final": str(final).lower()}
+    run_tags.update({**(tags or {}), checkpoints.KEY_TAG: key})
     if baseline_id:
-        tags["baseline_run_id"] = baseline_id
+        run_tags["baseline_run_id"] = baseline_id
     resumed = _claim_for_resume(cfg, checkpoint_root, key) if resume else None
-    with _training_run(cfg, name, tags, resumed) as run_id:
+    with _training_run(cfg, name, run_tags, resumed) as run_id:
         if resumed is None:  # a resumed run logged these before its first backup
             tracking.log_config(cfg, flatten(cfg), config_path, final=final)
             tracking.log_dataset(data)

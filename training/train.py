@@ -427,6 +427,7 @@ def _model_and_batches(
             history_max_len=cfg.model.history_max_len,
             user_id_dropout=cfg.model.user_id_dropout if cfg.model.use_user_id else 0.0,
             seed=cfg.train.seed,
+            history_dropout=cfg.model.history_dropout if cfg.model.use_history else 0.0,
             shuffle_buffer=cfg.train.shuffle_buffer,
             with_history=cfg.model.use_history,
             max_steps=cfg.train.max_steps,

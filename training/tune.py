@@ -2,8 +2,9 @@
 only, each trial an MLflow child run under one parent run, the best config written as a YAML
 that ``tracktower train`` accepts.
 
-Protocol. The data is prepared once, with the config's own ``data`` and ``split`` settings, so
-every trial trains on the same training partition and is scored on the same validation
+Protocol. The data is prepared once, with the config's own ``data`` and ``split`` settings (or
+handed in already prepared with them, ``tune(..., data=...)``, by a caller that needs it too),
+so every trial trains on the same training partition and is scored on the same validation
 partition that ``train`` would carve. The test partition is emptied before any trial sees the
 data (:func:`without_test`): no trial can evaluate it, and nothing tune logs is a test metric.
 A trial's value is the best per-epoch validation score of its fit, on the early-stopping metric
@@ -34,9 +35,11 @@ playlist dataset and for a dense play-count one:
 - ``model.temperature`` log-uniform in [0.02, 0.5]; ``model.track_bias`` on or off;
 - pooling of the history: ``model.history_max_len`` among {25, 50, 100, 200, 400} up to the
   first value covering the 99th percentile of users' training history; ``tie_track_embeddings``
-  (one table for history and candidates, or two); ``query_layers`` none (the pooled history is
-  linearly projected) or one hidden layer of twice the embedding size; ``use_user_id`` (a user-id
-  embedding next to the pooled history) and, with it, ``user_id_dropout`` in [0, 0.5];
+  (one table for history and candidates, or two); ``history_dropout`` among {0, 0.25, 0.5}
+  (the share of each training example's history hidden, a denoising regulariser for dense
+  data); ``query_layers`` none (the pooled history is linearly projected) or one hidden layer
+  of twice the embedding size; ``use_user_id`` (a user-id embedding next to the pooled
+  history) and, with it, ``user_id_dropout`` in [0, 0.5];
 - negatives: ``model.negatives`` full or in_batch when the catalogue has at most
   ``model.full_softmax_max_tracks`` tracks (else the config's own setting), and for in-batch
   softmax ``model.uniform_negatives`` among 0 and {1024, 4096, 16384} up to a quarter of the
@@ -52,6 +55,11 @@ and the best YAML as the artifact ``tune/best.yaml``. Each trial is a child run 
 curves (``epoch_*``), the kept epoch's ``val_*`` and its state in ``tune.state`` (complete,
 pruned, failed, interrupted). Ctrl-C (or SIGTERM through the CLI) ends the search: the best
 trial so far is logged and written, the interrupted trial's run and the parent end KILLED.
+
+Inside ``train``. ``tracktower train --tune-trials N`` runs :func:`tune_for_train` first, on the
+standard (non-final) split of the same data and config, and then trains the best trial's config
+(``TuneResult.best_config``); a search that is interrupted or completes no trial raises
+:class:`SearchIncomplete` instead, so nothing is ever trained with a half-made config.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ __all__ = [
     "DataShape",
     "EpochReporter",
     "Param",
+    "SearchIncomplete",
     "TuneOptions",
     "TuneResult",
     "base_values",
@@ -107,6 +116,7 @@ __all__ = [
     "trial_config",
     "trial_run",
     "tune",
+    "tune_for_train",
     "without_test",
 ]
 
@@ -114,6 +124,7 @@ __all__ = [
 LEARNING_RATE = (5e-4, 3e-2)
 TEMPERATURE = (0.02, 0.5)
 USER_ID_DROPOUT = (0.0, 0.5)
+HISTORY_DROPOUT = (0.0, 0.25, 0.5)
 EMBEDDING_DIMS = (32, 64, 128, 256)
 UNIFORM_NEGATIVES = (1024, 4096, 16384)
 HISTORY_LENGTHS = (25, 50, 100, 200, 400)
@@ -201,15 +212,28 @@ class DeadlineReached(Exception):
     """The search's time is up: raised out of a fit after an epoch, caught by the trial."""
 
 
+class SearchIncomplete(DataError):
+    """A search run for ``train`` left no config to train: ``interrupted`` (Ctrl-C or SIGTERM)
+    or no trial completed. ``result`` is what it did record (its parent run, its counts)."""
+
+    def __init__(self, message: str, result: TuneResult) -> None:
+        super().__init__(message)
+        self.result = result
+        self.interrupted = result.interrupted
+
+
 # --- input checks -------------------------------------------------------------------------
 
 
-def check_budget(trials: int, timeout: float) -> None:
-    """Bad budgets are one-line errors before any data is read."""
+def check_budget(
+    trials: int, timeout: float, *, flags: tuple[str, str] = ("--trials", "--timeout")
+) -> None:
+    """Bad budgets are one-line errors before any data is read, naming the command's own
+    ``flags`` for the trial count and the timeout (``train`` calls them ``--tune-*``)."""
     if trials < 1:
-        raise DataError(f"--trials: expected an integer >= 1, got {trials}")
+        raise DataError(f"{flags[0]}: expected an integer >= 1, got {trials}")
     if not math.isfinite(timeout) or timeout <= 0:
-        raise DataError(f"--timeout: expected a number of seconds > 0, got {timeout:g}")
+        raise DataError(f"{flags[1]}: expected a number of seconds > 0, got {timeout:g}")
 
 
 def fixed_keys(overrides: Sequence[str]) -> frozenset[str]:
@@ -342,6 +366,7 @@ def _model_params(shape: DataShape, base: ExperimentConfig) -> list[Param]:
         Param("model.tie_track_embeddings", choices=(True, False)),
         Param("model.query_layers", choices=("linear", "mlp")),
         Param("model.history_max_len", choices=history_lengths(shape.history_p99)),
+        Param("model.history_dropout", choices=HISTORY_DROPOUT, when=_uses_history),
         Param("model.use_user_id", choices=(False, True), when=_uses_history),
         Param(
             "model.user_id_dropout",
@@ -614,14 +639,21 @@ def tune(
     options: TuneOptions,
     *,
     pruner: optuna.pruners.BasePruner | None = None,
+    data: Prepared | None = None,
 ) -> TuneResult:
     """Run the search (see the module docstring); returns the best trial, or the best so far
-    with ``interrupted`` set when Ctrl-C ended it. Bad input fails before any MLflow run."""
+    with ``interrupted`` set when Ctrl-C ended it. Bad input fails before any MLflow run.
+
+    ``data``: the data already prepared with ``cfg.data`` and ``cfg.split`` (not ``final``), so
+    that a caller holding it (the quality benchmark) does not prepare it twice; its test
+    partition is emptied here all the same. None: prepared here."""
     check_budget(options.trials, options.timeout)
     if options.out.is_dir():
         raise DataError("--out: expected a YAML file path, got a directory", path=options.out)
     metric = _check_config(cfg)
-    data = without_test(prepare(cfg.data, cfg.split))
+    if data is not None and data.final:
+        raise DataError("tune needs the standard split's validation, not a --final preparation")
+    data = without_test(data if data is not None else prepare(cfg.data, cfg.split))
     check_size(cfg.promotion, data)
     if data.encoded.val.nnz == 0:
         raise DataError("no validation interactions to score trials on", path=data.source)
@@ -637,6 +669,26 @@ def tune(
         _run(search, study, shape, result)
     except KeyboardInterrupt:
         result.interrupted = True
+    return result
+
+
+def tune_for_train(cfg: ExperimentConfig, options: TuneOptions) -> TuneResult:
+    """The search ``tracktower train --tune-trials`` runs before training, on the standard
+    split of ``cfg``'s data (a ``--final`` retrain has no validation to judge trials on); its
+    ``best_config`` is what ``train`` then trains. Raises :class:`SearchIncomplete` when the
+    search left no config to train (interrupted, or no trial completed)."""
+    result = tune(cfg, options)
+    counts = f"{result.n_trials} trials: {result.n_complete} complete, {result.n_pruned} pruned"
+    where = f"parent run {result.run_id}" if result.run_id else "no MLflow run"
+    if result.interrupted:
+        raise SearchIncomplete(
+            f"--tune-trials: the search was interrupted ({counts}; {where}); nothing trained",
+            result,
+        )
+    if result.best_config is None:
+        raise SearchIncomplete(
+            f"--tune-trials: no trial completed ({counts}; {where}); nothing trained", result
+        )
     return result
 
 

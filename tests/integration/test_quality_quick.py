@@ -103,3 +103,48 @@ def test_two_tower_epoch_is_chosen_on_validation(quality, data_root, tmp_path) -
     assert tower["val_metrics"]["recall_at_20"] == pytest.approx(best["val_recall_at_20"], abs=1e-4)
     assert tower["metrics"]["recall_at_20"] > 0
     assert "tracktower" in entry["table_markdown"] and "x / " in entry["table_markdown"]
+
+
+def test_tracktower_tuned_searches_on_validation_then_has_its_own_row(
+    quality, data_root, tmp_path
+) -> None:
+    """Opt-in tracktower-tuned: tune (tiny budget) on this split with TEST emptied, then the
+    best config fitted and scored; its own row, compared with the best peer, never one."""
+    from mlflow import MlflowClient
+
+    out, uri = tmp_path / "quality.json", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["--quick", "--datasets", "mpd-artist", "--systems", "popular,tracktower-tuned"]
+    argv += ["--max-epochs", "1", "--tune-trials", "2", "--tune-budget", "120"]
+    argv += ["--data-root", str(data_root), "--output", str(out), "--tracking-uri", uri]
+    assert quality.main(argv) == 0
+    entry = json.loads(out.read_text())["datasets"]["mpd-artist"]
+    systems = {s["system"]: s for s in entry["seeds"]["0"]["systems"]}
+    assert list(systems) == ["popular", "tracktower-tuned"]
+    tuned = systems["tracktower-tuned"]
+    extra = tuned["extra"]
+    assert extra["n_trials"] == 2 and 1 <= extra["n_complete"] <= 2
+    assert extra["tune_budget_seconds"] == 120 and extra["tune_max_trials"] == 2
+    assert extra["tune_seconds"] > 0 and extra["best_val_recall_at_20"] > 0
+    assert tuned["params"]["epoch"] == "1/1" and tuned["params"]["tuned"]
+    assert tuned["metrics"]["recall_at_20"] > 0
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tracktower-quality")
+    runs = client.search_runs([experiment.experiment_id], max_results=50)
+    by_id = {r.info.run_id: r for r in runs}
+    parent = by_id[extra["tune_run_id"]]
+    assert parent.data.tags["system"] == "tune" and parent.data.params["base.train.epochs"] == "1"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2
+    for run in [parent, *trials]:
+        assert not [k for k in run.data.metrics if k.startswith("test_")], "TEST never seen"
+    fitted = by_id[tuned["run_id"]]
+    assert fitted.data.tags["tune_run_id"] == parent.info.run_id
+    assert "test_recall_at_20" in fitted.data.metrics
+
+    summary = entry["summary"]
+    assert summary["tracktower-tuned"]["label"] == "tracktower (after tune, 120 s)"
+    table = entry["table_markdown"]
+    (row,) = [line for line in table.splitlines() if line.startswith("| tracktower (after tune")]
+    assert row.startswith("| tracktower (after tune, 120 s) |") and "x / " in row
+    assert "Best peer: recall_at_20 popular" in table

@@ -591,6 +591,12 @@ def test_grid_for_adds_count_confidence_only_on_count_data() -> None:
     assert len(both) == 2 * len(GRIDS["ials"])
     assert {p["scaling"] for p in both} == {"binary", "log"}
     assert grid_for("ease", counts) == GRIDS["ease"]
+    from tracktower.training.baselines.runner import FOCUSED_GRIDS
+
+    focused = grid_for("ials", binary, size="focused")
+    assert focused == FOCUSED_GRIDS["ials"] and len(focused) < len(GRIDS["ials"])
+    assert max(p["factors"] for p in focused) == 512
+    assert max(p["regularization"] for p in focused) >= 100
     # The hidden-dataset optimum is a point of the documented grid.
     assert {"factors": 512, "regularization": 100.0, "alpha": 40.0} in [
         {k: p[k] for k in ("factors", "regularization", "alpha")}
@@ -599,3 +605,5 @@ def test_grid_for_adds_count_confidence_only_on_count_data() -> None:
     ]
     with pytest.raises(DataError, match="unknown baseline"):
         grid_for("svd", binary)
+    with pytest.raises(DataError, match="grid size"):
+        grid_for("ease", binary, size="huge")

@@ -92,6 +92,39 @@ def test_training_history_never_contains_the_target_and_is_bounded():
     assert hidden > 0  # some user ids hidden
 
 
+def test_history_dropout_hides_a_fresh_share_of_each_history_and_nothing_else():
+    x = clustered_matrix()
+    ex = pipeline.make_examples(x, "none")
+
+    def batches(p: float) -> list[dict[str, np.ndarray]]:
+        ds = pipeline.training_dataset(
+            ex,
+            x,
+            batch_size=64,
+            history_max_len=5,
+            user_id_dropout=0.0,
+            seed=0,
+            history_dropout=p,
+        )
+        return [{k: v.numpy() for k, v in b.items()} for b in ds.take(20)]
+
+    full, dropped = batches(0.0), batches(0.5)
+    shown = kept = 0
+    for a, b in zip(full, dropped, strict=True):
+        np.testing.assert_array_equal(a["track"], b["track"])  # same examples, same order
+        # every track still shown was in the full history, in its place; the rest is padding
+        same = (b["history"] == a["history"]) | (b["history"] == 0)
+        assert same.all()
+        shown += int((a["history"] > 0).sum())
+        kept += int((b["history"] > 0).sum())
+    assert 0.4 < kept / shown < 0.6
+    # a new draw every pass: the same examples lose different tracks in the second epoch
+    again = batches(0.5)
+    assert any(
+        not np.array_equal(a["history"], b["history"]) for a, b in zip(dropped, again, strict=True)
+    )
+
+
 def test_mixed_negatives_loss_is_the_sampled_softmax_written_out(monkeypatch):
     """Retrieval with extra columns: temperature, logQ on every column, accidental hits masked in
     the batch and among the uniform negatives, and the weighted sum as the loss scale."""

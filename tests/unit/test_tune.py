@@ -143,6 +143,7 @@ def test_conditional_parameters_are_drawn_only_when_they_apply():
         "model.tie_track_embeddings": False,
         "model.query_layers": "mlp",
         "model.history_max_len": 50,
+        "model.history_dropout": 0.25,
         "model.use_user_id": False,
         "model.negatives": "full",
     }
@@ -153,6 +154,7 @@ def test_conditional_parameters_are_drawn_only_when_they_apply():
     cfg2 = tune.trial_config(cfg, chosen)
     assert cfg2.model.query_layers == [128], "mlp: one hidden layer of twice the embedding"
     assert cfg2.model.negatives == "full" and cfg2.train.batch_size == 256
+    assert cfg2.model.history_dropout == 0.25
     assert cfg2.model.uniform_negatives == cfg.model.uniform_negatives
     with_uniform = {**params, "model.negatives": "in_batch", "model.uniform_negatives": 1024}
     with_uniform |= {"model.use_user_id": True, "model.user_id_dropout": 0.3}

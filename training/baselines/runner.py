@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULTS",
+    "FOCUSED_GRIDS",
     "GRIDS",
+    "GRID_SIZES",
     "QUICK_GRIDS",
     "BaselineResults",
     "GridResult",
@@ -117,6 +119,16 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "ials": _ials_grid((64, 128, 256, 512), (1.0, 10.0, 100.0, 300.0), (10.0, 40.0)),
     "rp3beta": _rp3beta_grid((0.5, 0.8, 1.0), (0.0, 0.3, 0.5), (100, 200)),
 }
+# A third of the full grids' time on MPD 5-core (EASE's 23k x 23k inverse is ~80 s a point
+# there), for repeating the benchmark over split seeds on 2 cores: the points around the full
+# grids' VAL choices on MPD seed 0 (EASE 200-500, iALS 512 / 100 / 40, RP3beta 0.5 / 0.3 / 200),
+# still reaching 512 factors and regularization 300.
+FOCUSED_GRIDS: dict[str, list[dict[str, Any]]] = {
+    "popular": [{}],
+    "ease": [{"l2": v} for v in (100.0, 200.0, 500.0, 1000.0)],
+    "ials": _ials_grid((128, 512), (10.0, 100.0, 300.0), (10.0, 40.0)),
+    "rp3beta": _rp3beta_grid((0.5, 0.8, 1.0), (0.3, 0.5), (200,)),
+}
 QUICK_GRIDS: dict[str, list[dict[str, Any]]] = {
     "popular": [{}],
     "ease": [{"l2": v} for v in (100.0, 500.0)],
@@ -140,15 +152,27 @@ def count_share(train: sp.csr_matrix) -> float:
     return 1.0 - float(counts.max()) / data.size
 
 
-def grid_for(name: str, train: sp.csr_matrix, *, quick: bool = False) -> list[dict[str, Any]]:
-    """The documented grid of ``name`` for this TRAIN matrix: on count data
+GRID_SIZES: dict[str, dict[str, list[dict[str, Any]]]] = {
+    "full": GRIDS,
+    "focused": FOCUSED_GRIDS,
+    "quick": QUICK_GRIDS,
+}
+
+
+def grid_for(
+    name: str, train: sp.csr_matrix, *, quick: bool = False, size: str = "full"
+) -> list[dict[str, Any]]:
+    """The documented grid of ``name`` for this TRAIN matrix (``size``: a key of
+    :data:`GRID_SIZES`; ``quick`` is ``size="quick"``): on count data
     (:func:`count_share` >= :data:`COUNT_SHARE`) every iALS point is tried with binary and with
     log confidence, 1 + alpha * log1p(w), since which one wins depends on how heavy the counts'
     tail is; on (nearly) 0/1 data the two would differ only by a rescaled alpha, so binary alone
     is tried."""
     if name not in GRIDS:
         raise DataError(f"unknown baseline {name!r}; expected one of {', '.join(GRIDS)}")
-    points = [dict(p) for p in (QUICK_GRIDS if quick else GRIDS)[name]]
+    if size not in GRID_SIZES:
+        raise DataError(f"unknown grid size {size!r}; expected one of {', '.join(GRID_SIZES)}")
+    points = [dict(p) for p in GRID_SIZES["quick" if quick else size][name]]
     if name == "ials" and count_share(train) >= COUNT_SHARE:
         points += [{**p, "scaling": "log"} for p in points if p.get("scaling") == "binary"]
     return points
