@@ -361,7 +361,7 @@ def markdown_table(title: str, summary: dict[str, dict[str, Any]]) -> str:
         ratio = ""
         if name in OURS and peers:
             parts = [
-                f"{s['metrics'][m]['mean'] / peers[m][1]:.2f}x" if m in peers else "—"
+                f"{s['metrics'][m]['mean'] / peers[m][1]:.3f}x" if m in peers else "—"
                 for m in ("recall_at_20", "ndcg_at_10")
             ]
             ratio = " / ".join(parts)

@@ -74,7 +74,7 @@ def test_the_tuned_row_has_its_budget_and_its_ratio_to_the_best_peer(quality: An
     table = quality.markdown_table("t", summary)
     (row,) = [line for line in table.splitlines() if line.startswith("| tracktower (after")]
     assert row.startswith("| tracktower (after tune, 900 s) | 0.2400 ± 0.0283 |")
-    assert row.endswith("| 1.20x / 1.20x |")
+    assert row.endswith("| 1.200x / 1.200x |")
     assert "Best peer: recall_at_20 ease (0.2000), ndcg_at_10 ease (0.2000)" in table
 
 
