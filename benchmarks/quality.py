@@ -465,25 +465,35 @@ def run_seed(
             flush=True,
         )
         results.append(asdict(result))
-    return {"fingerprint": data.fingerprint, "stats": stats, "systems": results}
+    grids = "quick" if args.quick else args.grids
+    return {"fingerprint": data.fingerprint, "stats": stats, "grids": grids, "systems": results}
 
 
 def run_dataset(
-    spec: DatasetSpec, args: argparse.Namespace, workdir: Path, wanted: Callable[[str], bool]
+    spec: DatasetSpec,
+    args: argparse.Namespace,
+    workdir: Path,
+    wanted: Callable[[str], bool],
+    on_seed: Callable[[dict[str, Any]], Any] = lambda entry: None,
 ) -> dict[str, Any] | None:
+    """Every seed of one dataset; ``on_seed`` gets the entry after each seed, so that the
+    report on disk holds each finished seed even if a later one is killed."""
     inputs = dataset_inputs(spec, workdir)
     if inputs is None:
         return None
-    seeds = {str(seed): run_seed(spec, inputs, seed, args, wanted) for seed in args.seeds}
-    return {
+    entry: dict[str, Any] = {
         "name": spec.name,
         "source": str(spec.interactions)
         + (" (artist-level aggregate)" if spec.derive is not None else ""),
         "k_core": spec.k_core,
         "k_core_note": spec.note,
         "split": {"val_fraction": VAL_FRACTION, "test_fraction": TEST_FRACTION},
-        "seeds": seeds,
+        "seeds": {},
     }
+    for seed in args.seeds:
+        entry["seeds"][str(seed)] = run_seed(spec, inputs, seed, args, wanted)
+        on_seed(entry)
+    return entry
 
 
 def merge_previous(path: Path, datasets: dict[str, Any]) -> dict[str, Any]:
@@ -630,6 +640,35 @@ def wanted_systems(systems: str) -> Callable[[str], bool]:
     return lambda name: name in names or (every and name not in OPT_IN)
 
 
+def write_report(
+    args: argparse.Namespace, ran: dict[str, dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """Merge ``ran`` into ``--output`` (:func:`merge_previous`) and replace the file atomically
+    (a temporary file renamed over it), so a killed run never leaves half a JSON behind."""
+    datasets = merge_previous(args.output, ran)
+    for entry in datasets.values():
+        entry["summary"] = summarise(entry["seeds"])
+        entry["table_markdown"] = markdown_table(dataset_title(entry), entry["summary"])
+    report = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "grids": "quick" if args.quick else args.grids,
+        "seeds": args.seeds,
+        "max_epochs": args.max_epochs,
+        "tune": {"budget_seconds": args.tune_budget, "max_trials": args.tune_trials},
+        "experiment": args.experiment,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "libraries": _versions(),
+        "total_seconds": round(seconds, 1),
+        "datasets": datasets,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_name(args.output.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    partial.replace(args.output)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from tracktower.features.cli import end_runs_on_sigterm
@@ -650,30 +689,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     wanted = wanted_systems(args.systems)
     started = time.perf_counter()
+    ran: dict[str, dict[str, Any]] = {}
+
+    def save(key: str, entry: dict[str, Any]) -> dict[str, Any]:
+        ran[key] = entry
+        return write_report(args, ran, time.perf_counter() - started)
+
     with tempfile.TemporaryDirectory(prefix="tracktower-quality-") as work:
-        ran = {key: run_dataset(specs[key], args, Path(work), wanted) for key in keys}
-    datasets = merge_previous(args.output, {k: v for k, v in ran.items() if v is not None})
-    tables = []
-    for key, entry in datasets.items():
-        entry["summary"] = summarise(entry["seeds"])
-        entry["table_markdown"] = markdown_table(dataset_title(entry), entry["summary"])
-        if key in ran:
-            tables.append(entry["table_markdown"])
-    report = {
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "quick": args.quick,
-        "grids": "quick" if args.quick else args.grids,
-        "seeds": args.seeds,
-        "max_epochs": args.max_epochs,
-        "tune": {"budget_seconds": args.tune_budget, "max_trials": args.tune_trials},
-        "experiment": args.experiment,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "libraries": _versions(),
-        "total_seconds": round(time.perf_counter() - started, 1),
-        "datasets": datasets,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        for key in keys:
+            run_dataset(specs[key], args, Path(work), wanted, on_seed=lambda e, k=key: save(k, e))
+    report = write_report(args, ran, time.perf_counter() - started)  # final total_seconds
+    tables = [report["datasets"][key]["table_markdown"] for key in ran]
     markdown = "\n\n".join(tables)
     print("\n" + markdown)
     if args.markdown:

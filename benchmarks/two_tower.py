@@ -193,6 +193,22 @@ def fit_and_score(
     )
 
 
+def score_system(ctx: Any, name: str, cfg: Any, tags: Mapping[str, str] | None = None) -> Any:
+    """:func:`fit_and_score` for one quality.py system on this (dataset, seed): its run named
+    ``"<name> seed=<seed>"`` and tagged ``system``, ``dataset``, ``seed`` (and ``tags``)."""
+    return fit_and_score(
+        cfg,
+        ctx.data,
+        ks=ctx.ks,
+        experiment=ctx.experiment,
+        run_name=f"{name} seed={ctx.seed}",
+        tags={"system": name, "dataset": ctx.spec.name, "seed": str(ctx.seed), **(tags or {})},
+        dataset_name=ctx.spec.name,
+        tracking_uri=ctx.tracking_uri,
+        params=ctx.params,
+    )
+
+
 def cold_start(ctx: Any, cfg: Any, fraction: float = 0.1) -> dict[str, float]:
     """Hold out ``fraction`` of the users entirely; answer them from 80% of their tracks.
 
@@ -328,22 +344,7 @@ def tuned(ctx: Any, result_cls: Any) -> Any:
     ``extra.tune_seconds``."""
     search, seconds = tune_for(ctx)
     cfg = search.best_config
-    score = fit_and_score(
-        cfg,
-        ctx.data,
-        ks=ctx.ks,
-        experiment=ctx.experiment,
-        run_name=f"{TUNED} seed={ctx.seed}",
-        tags={
-            "system": TUNED,
-            "dataset": ctx.spec.name,
-            "seed": str(ctx.seed),
-            "tune_run_id": search.run_id,
-        },
-        dataset_name=ctx.spec.name,
-        tracking_uri=ctx.tracking_uri,
-        params=ctx.params,
-    )
+    score = score_system(ctx, TUNED, cfg, tags={"tune_run_id": search.run_id})
     extra = {
         "epochs_run": score.epochs_run,
         "tune_seconds": round(seconds, 1),
@@ -378,17 +379,7 @@ def systems(ctx: Any, system_cls: Any, result_cls: Any) -> list[Any]:
     def make(name: str, overrides: list[str], label: str) -> Any:
         def run(ctx: Any) -> Any:
             cfg = config(ctx, overrides)
-            score = fit_and_score(
-                cfg,
-                ctx.data,
-                ks=ctx.ks,
-                experiment=ctx.experiment,
-                run_name=f"{name} seed={ctx.seed}",
-                tags={"system": name, "dataset": ctx.spec.name, "seed": str(ctx.seed)},
-                dataset_name=ctx.spec.name,
-                tracking_uri=ctx.tracking_uri,
-                params=ctx.params,
-            )
+            score = score_system(ctx, name, cfg)
             extra: dict[str, Any] = {"epochs_run": score.epochs_run}
             if name == "tracktower" and ctx.cold_start and ctx.spec.key == "mpd":
                 extra["cold_start"] = cold_start(ctx, cfg)

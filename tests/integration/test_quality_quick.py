@@ -148,3 +148,30 @@ def test_tracktower_tuned_searches_on_validation_then_has_its_own_row(
     (row,) = [line for line in table.splitlines() if line.startswith("| tracktower (after tune")]
     assert row.startswith("| tracktower (after tune, 120 s) |") and "x / " in row
     assert "Best peer: recall_at_20 popular" in table
+
+
+def test_each_finished_seed_is_on_disk_before_the_next_starts(
+    quality, data_root, tmp_path, monkeypatch
+) -> None:
+    """A run killed in seed 1 keeps seed 0: the report is rewritten (atomically) per seed."""
+    out = tmp_path / "quality.json"
+    argv = ["--quick", "--datasets", "mpd-artist", "--systems", "popular", "--seeds", "0,1"]
+    argv += ["--data-root", str(data_root), "--output", str(out)]
+    argv += ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    real = quality.run_seed
+    seen: list[list[str]] = []
+
+    def run_seed(spec, inputs, seed, args, wanted):  # type: ignore[no-untyped-def]
+        if out.exists():
+            seen.append(sorted(json.loads(out.read_text())["datasets"]["mpd-artist"]["seeds"]))
+        if seed == 1:
+            raise KeyboardInterrupt
+        return real(spec, inputs, seed, args, wanted)
+
+    monkeypatch.setattr(quality, "run_seed", run_seed)
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(argv)
+    assert seen == [["0"]]
+    entry = json.loads(out.read_text())["datasets"]["mpd-artist"]
+    assert list(entry["seeds"]) == ["0"] and entry["seeds"]["0"]["grids"] == "quick"
+    assert not list(tmp_path.glob("*.partial"))
