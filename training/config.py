@@ -137,12 +137,17 @@ class TrainConfig(_Strict):
     # each step, a cost that grows with the catalogue): see training/optimizers.py.
     optimizer: Literal["adam", "lazy_adam", "adagrad", "sgd"] = "adam"
     learning_rate: float = Field(0.003, gt=0.0)
+    # Decoupled weight decay (0 = none): a step shrinks every weight by learning_rate x this.
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     # "cosine" decays the learning rate to 0 over train.epochs (early stopping may end sooner).
     lr_schedule: Literal["constant", "cosine"] = "constant"
     # "auto" derives the batch size from the number of training interactions (see pipeline).
     batch_size: int | Literal["auto"] = "auto"
     epochs: int = Field(10, ge=1)
     weighting: Literal["none", "log1p", "raw"] = "log1p"
+    # Each example's weight times n_u ** -p (n_u: its user's training rows): 0 lets heavy users
+    # dominate the loss as they dominate the rows; 1 counts every user once, as the metrics do.
+    user_weight_power: float = Field(0.0, ge=0.0, le=1.0)
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     strategy: Literal["auto", "cpu", "mirrored", "multi_worker"] = "auto"
     mixed_precision: bool = False

@@ -72,11 +72,20 @@ def _weights(raw: np.ndarray, weighting: str) -> np.ndarray:
 
 
 def make_examples(
-    train: sp.csr_matrix, weighting: str, *, seed: int = 0, scratch_dir: Path | None = None
+    train: sp.csr_matrix,
+    weighting: str,
+    *,
+    seed: int = 0,
+    scratch_dir: Path | None = None,
+    user_weight_power: float = 0.0,
 ) -> Examples:
     """The examples of ``train``, weights scaled to mean 1, shuffled once with ``seed`` and
     written to an unlinked temporary file in ``scratch_dir`` (the system's temp directory when
     None); the file's space is freed when the returned memory map is.
+
+    ``user_weight_power`` p multiplies each example's weight by ``n_u ** -p`` (n_u: its user's
+    training rows): at 0 a user counts as many times as they have rows, at 1 every user counts
+    once, as in the per-user averages the metrics take.
 
     Built a chunk at a time: besides the file, only the permutation (4 bytes per row) is held.
     """
@@ -88,8 +97,18 @@ def make_examples(
     track_log_q = np.concatenate([[0.0], log_q]).astype(np.float32)
     if n == 0:
         return Examples(np.zeros((0, 3), np.int32), track_log_q)
+    row_len = np.diff(train.indptr).astype(np.float64)
+
+    def weights(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(user row, weight before scaling) of the rows at ``positions`` of the CSR data."""
+        user = np.searchsorted(train.indptr, positions, side="right") - 1
+        weight = _weights(train.data[positions], weighting)
+        if user_weight_power:
+            weight = weight * row_len[user] ** -user_weight_power
+        return user, weight
+
     total = sum(
-        float(_weights(train.data[i : i + _CHUNK], weighting).sum()) for i in range(0, n, _CHUNK)
+        float(weights(np.arange(i, min(i + _CHUNK, n)))[1].sum()) for i in range(0, n, _CHUNK)
     )
     scale = 1.0 / max(total / n, 1e-12)
     order = np.arange(n, dtype=np.int64 if n >= 2**31 else np.int32)
@@ -98,10 +117,10 @@ def make_examples(
         rows = np.memmap(handle, dtype=np.int32, mode="w+", shape=(n, 3))
     for i in range(0, n, _CHUNK):
         pick = order[i : i + _CHUNK]
-        rows[i : i + len(pick), 0] = np.searchsorted(train.indptr, pick, side="right")
+        user, weight = weights(pick)
+        rows[i : i + len(pick), 0] = user + 1
         rows[i : i + len(pick), 1] = train.indices[pick] + 1
-        weight = (_weights(train.data[pick], weighting) * scale).astype(np.float32)
-        rows[i : i + len(pick), 2] = weight.view(np.int32)
+        rows[i : i + len(pick), 2] = (weight * scale).astype(np.float32).view(np.int32)
     del order
     rows.flush()
     mapped = getattr(rows, "_mmap", None)  # numpy's mmap.mmap: no public accessor

@@ -95,13 +95,16 @@ def _optimizer(
         lr = tf.keras.optimizers.schedules.CosineDecay(
             learning_rate, decay_steps=max(1, cfg.epochs * steps_per_epoch)
         )
+    # Keras's decoupled weight decay (AdamW's): each step every variable shrinks by
+    # learning rate x weight_decay, embeddings a batch did not touch included.
+    decay = {"weight_decay": cfg.weight_decay} if cfg.weight_decay else {}
     if cfg.optimizer == "adam":
-        return tf.keras.optimizers.Adam(lr)
+        return tf.keras.optimizers.Adam(lr, **decay)
     if cfg.optimizer == "lazy_adam":
-        return LazyAdam(lr)
+        return LazyAdam(lr, **decay)
     if cfg.optimizer == "adagrad":
-        return tf.keras.optimizers.Adagrad(lr)
-    return tf.keras.optimizers.SGD(lr, momentum=0.9)
+        return tf.keras.optimizers.Adagrad(lr, **decay)
+    return tf.keras.optimizers.SGD(lr, momentum=0.9, **decay)
 
 
 class _Validation(tf.keras.callbacks.Callback):
@@ -354,7 +357,12 @@ def fit(
         raise DataError(
             "checkpoint_dir: Keras's BackupAndRestore cannot back up train.strategy=cpu"
         )
-    examples = pipeline.make_examples(data.train, cfg.train.weighting, seed=cfg.train.seed)
+    examples = pipeline.make_examples(
+        data.train,
+        cfg.train.weighting,
+        seed=cfg.train.seed,
+        user_weight_power=cfg.train.user_weight_power,
+    )
     if len(examples) == 0:
         raise ValueError("no training interactions left after the split")
     model, ds, per_replica, lr = _model_and_batches(cfg, data, examples, strategy, track_artist)

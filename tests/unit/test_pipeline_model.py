@@ -25,6 +25,21 @@ def test_examples_weighting_and_log_q():
     assert np.isclose(w[(1, 3)] / w[(2, 2)], 9 / 4)  # each weight stays with its own row
 
 
+def test_user_weight_power_evens_out_heavy_and_light_users():
+    # user 0: 4 rows, user 1: 1 row; play counts 1 everywhere so only the user factor acts
+    x = sp.csr_matrix(np.array([[1, 1, 1, 1], [0, 0, 1, 0]], dtype=np.float32))
+    for power, share in ((0.0, 4 / 5), (0.5, 4 * 0.5 / (4 * 0.5 + 1)), (1.0, 1 / 2)):
+        ex = pipeline.make_examples(x, "none", user_weight_power=power)
+        assert np.isclose(ex.weight.mean(), 1.0)  # still scaled to mean 1
+        heavy = ex.weight[ex.user == 1].sum() / ex.weight.sum()
+        assert np.isclose(heavy, share), power
+    raw = pipeline.make_examples(
+        x.multiply(np.array([[1, 2, 3, 4]])).tocsr(), "raw", user_weight_power=1.0
+    )
+    w = {(u, t): wt for u, t, wt in zip(raw.user, raw.track, raw.weight, strict=True)}
+    assert np.isclose(w[(1, 4)] / w[(1, 1)], 4.0)  # within a user the play counts still rank
+
+
 def test_examples_are_written_once_in_a_seeded_random_order():
     x = clustered_matrix()
     coo = x.tocoo()
@@ -254,6 +269,21 @@ def test_cosine_schedule_spans_all_allowed_epochs():
     schedule = _optimizer(cfg, 10, cfg.learning_rate).get_config()["learning_rate"]
     assert schedule["class_name"] == "CosineDecay"
     assert schedule["config"]["decay_steps"] == 30 and schedule["config"]["alpha"] == 0.0
+
+
+def test_weight_decay_shrinks_every_weight_by_rate_times_decay():
+    from tracktower.training.config import TrainConfig
+    from tracktower.training.train import _optimizer
+
+    for name in ("adam", "lazy_adam", "adagrad", "sgd"):
+        assert (
+            _optimizer(TrainConfig(optimizer=name), 10, 0.01).get_config()["weight_decay"] is None
+        )
+    opt = _optimizer(TrainConfig(weight_decay=0.5), 10, 0.01)
+    assert opt.get_config()["weight_decay"] == 0.5
+    var = tf.Variable(tf.ones([3, 2]))
+    opt.apply_gradients([(tf.zeros([3, 2]), var)])  # a zero gradient: only the decay acts
+    np.testing.assert_allclose(var.numpy(), 1.0 - 0.01 * 0.5, rtol=1e-6)
 
 
 def test_dataset_knows_its_steps_per_epoch_for_the_lr_schedule():
