@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # two_tower, a sibling module
 DATA_ROOT = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "results"
 MPD_CONFIG = REPO / "configs" / "mpd.yaml"
@@ -205,7 +206,7 @@ def run_system(system: str, overrides: list[str], epochs: int | None) -> dict[st
     """One system, trained and scored in this process; returns its figures."""
     import numpy as np
 
-    from tracktower.training import evaluate, tracking
+    from tracktower.training import tracking
     from tracktower.training.config import flatten, load_config
     from tracktower.training.data import prepare
 
@@ -223,25 +224,21 @@ def run_system(system: str, overrides: list[str], epochs: int | None) -> dict[st
             metrics = score_tutorial(data, user_model, track_model)
             n_examples = data.encoded.known.nnz
         else:
-            from tracktower.training.train import fit
+            import two_tower  # the quality benchmark's fit-then-test step
 
             if epochs:
                 cfg = cfg.model_copy(
                     update={"train": cfg.train.model_copy(update={"epochs": epochs})}
                 )
             tracking.log_params_flat(flatten(cfg))
-            result = fit(
+            result, metrics, fit_seconds = two_tower.fit_and_test(
                 cfg,
-                data.encoded,
-                data.track_artist,
+                data,
+                KS,
                 on_epoch=lambda e, row: tracking.log_metrics(row, prefix="epoch_", step=e),
             )
-            fit_seconds = time.perf_counter() - started
             rates = [row["examples_per_sec"] for row in result.history]
             enc = data.encoded
-            metrics = evaluate.evaluate_model(
-                result.model, result.known, enc.test, enc.test_unknown, KS, exclude=result.known
-            )
             n_examples = enc.train.nnz
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         figures = {
