@@ -52,6 +52,16 @@ VARIANTS: dict[str, list[str]] = {
     "history dropout 0.5 + log1p (chosen)": [],
     "chosen, 8 epochs": ["train.epochs=8"],
     "chosen, history dropout 0.7": ["model.history_dropout=0.7"],
+    # Tried on mpd-artist after the choice (one change each from configs/mpd.yaml as committed):
+    "chosen, embedding 256": ["model.embedding_dim=256"],
+    "chosen, user weight power 0.5": ["train.user_weight_power=0.5"],
+    "chosen, user weight power 1": ["train.user_weight_power=1.0"],
+    "chosen, temperature 0.05": ["model.temperature=0.05"],
+    "chosen, lr 0.004": ["train.learning_rate=0.004"],
+    "chosen, no artist feature": ["model.use_artist=false"],
+    "chosen, query layer 256": ["model.query_layers=[256]"],
+    "chosen, weight decay 0.1": ["train.weight_decay=0.1"],
+    "chosen, weight decay 0.5": ["train.weight_decay=0.5"],
 }
 EXPERIMENT = "tracktower-defaults"
 

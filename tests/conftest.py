@@ -86,3 +86,16 @@ def tiny_interactions() -> pd.DataFrame:
     ]
     frame = pd.DataFrame(rows, columns=["user_id", "track_id", "weight", "timestamp"])
     return frame.astype({"user_id": "str", "track_id": "str", "timestamp": "int64"})
+
+
+@pytest.fixture
+def _cli_globals_restored() -> Iterator[None]:
+    """``tune`` and ``train --tune-trials`` set MLflow's tracking URI and route Optuna's log
+    through ``logging``, process-wide; the tests that run them get the defaults back after."""
+    import mlflow
+    import optuna
+
+    yield
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None = back to env/default
+    optuna.logging.disable_propagation()
+    optuna.logging.enable_default_handler()

@@ -55,14 +55,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.chdir(cwd)
 
 
-@pytest.fixture
-def _optuna_logging_restored() -> Iterator[None]:
-    """The command routes Optuna's log through ``logging``, process-wide: undone after."""
-    yield
-    optuna.logging.disable_propagation()
-    optuna.logging.enable_default_handler()
-
-
 def _paths(data: Path) -> list[str]:
     return [
         f"data.interactions={data / 'interactions.parquet'}",
@@ -178,7 +170,7 @@ def _stand_in_fit(scores: list[float | BaseException], calls: list[Any]):
     return fit
 
 
-@pytest.mark.usefixtures("_optuna_logging_restored")
+@pytest.mark.usefixtures("_cli_globals_restored")
 def test_ctrl_c_keeps_the_best_so_far_and_ends_the_runs_killed(
     synth_data: Path, store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

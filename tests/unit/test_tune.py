@@ -4,7 +4,6 @@ produces, the best YAML's round trip through ``load_config``, the epoch hook, an
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,18 +302,6 @@ def test_best_yaml_round_trips_through_load_config(tmp_path: Path):
 def test_bad_budgets_are_one_line_errors(trials: int, timeout: float, field: str):
     with pytest.raises(DataError, match=f"^{field}: expected"):
         tune.check_budget(trials, timeout)
-
-
-@pytest.fixture
-def _cli_globals_restored() -> Iterator[None]:
-    """The command sets MLflow's tracking URI and routes Optuna's log through ``logging``,
-    process-wide; later tests get the defaults back."""
-    import mlflow
-
-    yield
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None = back to env/default
-    optuna.logging.disable_propagation()
-    optuna.logging.enable_default_handler()
 
 
 def _cli(tmp_path: Path, *args: str):

@@ -6,11 +6,9 @@ command without training."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
 from typer.testing import CliRunner
 
@@ -23,18 +21,6 @@ from tracktower.training.data import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-@pytest.fixture
-def _cli_globals_restored() -> Iterator[None]:
-    """The command sets MLflow's tracking URI and routes Optuna's log through ``logging``,
-    process-wide; later tests get the defaults back."""
-    import mlflow
-
-    yield
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None = back to env/default
-    optuna.logging.disable_propagation()
-    optuna.logging.enable_default_handler()
 
 
 def _train(tmp_path: Path, *args: str) -> Any:
