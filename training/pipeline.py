@@ -99,17 +99,22 @@ def make_examples(
         return Examples(np.zeros((0, 3), np.int32), track_log_q)
     row_len = np.diff(train.indptr).astype(np.float64)
 
-    def weights(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(user row, weight before scaling) of the rows at ``positions`` of the CSR data."""
-        user = np.searchsorted(train.indptr, positions, side="right") - 1
-        weight = _weights(train.data[positions], weighting)
-        if user_weight_power:
-            weight = weight * row_len[user] ** -user_weight_power
-        return user, weight
+    def user_of(positions: np.ndarray) -> np.ndarray:
+        """The user row of each of ``positions`` in the CSR data."""
+        return np.searchsorted(train.indptr, positions, side="right") - 1
 
-    total = sum(
-        float(weights(np.arange(i, min(i + _CHUNK, n)))[1].sum()) for i in range(0, n, _CHUNK)
-    )
+    def weights(positions: np.ndarray, user: np.ndarray | None) -> np.ndarray:
+        """The weights, before scaling, of the rows at ``positions`` (``user``: their users,
+        needed only with a user weight power)."""
+        weight = _weights(train.data[positions], weighting)
+        if user_weight_power and user is not None:
+            weight = weight * row_len[user] ** -user_weight_power
+        return weight
+
+    total = 0.0
+    for i in range(0, n, _CHUNK):
+        positions = np.arange(i, min(i + _CHUNK, n))
+        total += float(weights(positions, user_of(positions) if user_weight_power else None).sum())
     scale = 1.0 / max(total / n, 1e-12)
     order = np.arange(n, dtype=np.int64 if n >= 2**31 else np.int32)
     np.random.default_rng(seed).shuffle(order)
@@ -117,7 +122,8 @@ def make_examples(
         rows = np.memmap(handle, dtype=np.int32, mode="w+", shape=(n, 3))
     for i in range(0, n, _CHUNK):
         pick = order[i : i + _CHUNK]
-        user, weight = weights(pick)
+        user = user_of(pick)
+        weight = weights(pick, user)
         rows[i : i + len(pick), 0] = user + 1
         rows[i : i + len(pick), 1] = train.indices[pick] + 1
         rows[i : i + len(pick), 2] = (weight * scale).astype(np.float32).view(np.int32)
